@@ -1,0 +1,234 @@
+"""`Meter`: records one LLM call — labels, usage, cost, outcome — into the metrics of the contract.
+
+It is the single write path shared by the instrumented client and the gateway; the policy engine subscribes to it
+to see the same numbers. Labelled children are cached per label tuple because ``.labels()`` costs ~4 µs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from tokenfuse.config import Config, parse_config
+from tokenfuse.exporter.labels import CallLabels, LabelBounds
+from tokenfuse.exporter.metrics import Metrics
+from tokenfuse.metering.pricing import Pricer
+from tokenfuse.metering.types import Usage
+
+__all__ = ["CallRecord", "Meter", "default_meter"]
+
+log = logging.getLogger("tokenfuse.exporter")
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """What the meter recorded for one call; listeners (the policy ledger) receive it.
+
+    Args:
+        labels: bounded labels.
+        usage: billable usage, or None when the call consumed nothing (blocked, failed before usage).
+        cost_usd: cost in USD (0 when unpriced).
+        outcome: success | upstream_error | client_error | blocked.
+        at: UNIX time of the record.
+        priced: False when the model had no known price.
+    """
+
+    labels: CallLabels
+    usage: Usage | None
+    cost_usd: float
+    outcome: str
+    at: float
+    priced: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return 0 if self.usage is None else self.usage.total_tokens
+
+
+class _Children:
+    __slots__ = ("cost", "input", "output", "requests")
+
+    def __init__(self, m: Metrics, key: tuple[str, ...]) -> None:
+        self.input = m.tokens.labels(*key, "input")
+        self.output = m.tokens.labels(*key, "output")
+        self.cost = m.cost.labels(*key)
+        self.requests: dict[str, Any] = {}
+
+
+class Meter:
+    """Records calls into one registry.
+
+    Args:
+        config: departments and caps for label bounding, price overrides (default: empty config).
+        registry: where the metrics live (default: prometheus_client's global registry).
+        pricer: the pricer to use (default: one built from ``config.pricing.overrides``).
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        registry: CollectorRegistry | None = None,
+        pricer: Pricer | None = None,
+    ) -> None:
+        self.config = config if config is not None else parse_config({})
+        self.registry = registry if registry is not None else REGISTRY
+        self.metrics = Metrics(self.registry)
+        self.bounds = LabelBounds(self.config)
+        self.pricer = pricer if pricer is not None else Pricer(self.config.pricing.overrides)
+        self._children: dict[tuple[str, ...], _Children] = {}
+        self._hist: dict[tuple[str, ...], Any] = {}
+        self._listeners: list[Callable[[CallRecord], None]] = []
+        self._lock = threading.Lock()
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt a new config (reload): label bounds and price overrides follow it; counters keep their values."""
+        self.config = config
+        self.bounds = LabelBounds(config)
+        self.pricer = Pricer(config.pricing.overrides)
+
+    def subscribe(self, listener: Callable[[CallRecord], None]) -> None:
+        """Call ``listener`` with every record, after the metrics are updated."""
+        self._listeners.append(listener)
+
+    def labels(
+        self,
+        *,
+        department: str | None,
+        project: str | None = None,
+        environment: str | None = None,
+        provider: str | None = None,
+        model: str | None = None,
+    ) -> CallLabels:
+        """Bound raw label values (see `LabelBounds`)."""
+        return self.bounds.labels(
+            department=department, project=project, environment=environment, provider=provider, model=model
+        )
+
+    def price(self, provider: str, model: str, usage: Usage, request_model: str | None = None) -> tuple[float, bool]:
+        """Cost of ``usage`` in USD and whether the model was priced; never raises."""
+        try:
+            p = self.pricer.price(provider, model, usage)
+            if p is None and request_model and request_model != model:
+                p = self.pricer.price(provider, request_model, usage)
+        except Exception:  # pricing must never break a call
+            log.exception("pricing failed for %s/%s", provider, model)
+            return 0.0, False
+        if p is None:
+            return 0.0, False
+        cost = p.total_usd
+        if not math.isfinite(cost) or cost < 0:
+            return 0.0, False
+        return cost, True
+
+    def record(
+        self,
+        labels: CallLabels,
+        *,
+        usage: Usage | None,
+        outcome: str,
+        operation: str = "chat",
+        request_model: str | None = None,
+        duration: float | None = None,
+        error_type: str = "",
+        now: float | None = None,
+    ) -> CallRecord:
+        """Record one call.
+
+        Args:
+            labels: bounded labels (``model`` is the model the call was billed as).
+            usage: usage as reported or estimated; None records the request only.
+            outcome: success | upstream_error | client_error | blocked.
+            operation: OTel ``gen_ai.operation.name``.
+            request_model: the model the client asked for (OTel ``gen_ai.request.model``).
+            duration: seconds the operation took, for ``gen_ai_client_operation_duration_seconds``.
+            error_type: OTel ``error.type`` (empty on success).
+            now: UNIX time of the call (default: now).
+        """
+        key = labels.as_tuple()
+        ch = self._children.get(key)
+        if ch is None:
+            with self._lock:
+                ch = self._children.get(key) or _Children(self.metrics, key)
+                self._children[key] = ch
+        req = ch.requests.get(outcome)
+        if req is None:
+            req = self.metrics.requests.labels(*key, outcome)
+            ch.requests[outcome] = req
+        req.inc()
+
+        cost = 0.0
+        priced = True
+        req_model = request_model or labels.model
+        resp_model = (usage.model if usage is not None else None) or labels.model
+        if usage is not None:
+            inp = max(int(usage.input_tokens), 0)
+            out = max(int(usage.output_tokens), 0)
+            if inp:
+                ch.input.inc(inp)
+            if out:
+                ch.output.inc(out)
+            if inp or out or usage.details:
+                cost, priced = self.price(labels.provider, resp_model, usage, request_model=req_model)
+                if cost:
+                    ch.cost.inc(cost)
+                if not priced:
+                    self._child(("unpriced", labels.provider, labels.model), self.metrics.unpriced, 2).inc()
+            if usage.estimated:
+                self._child(("est", labels.department, labels.provider, labels.model), self.metrics.estimated, 3).inc()
+            rm = self.bounds.model(labels.provider, resp_model)
+            for ttype, n in (("input", inp), ("output", out)):
+                self._child(
+                    ("tok", operation, labels.provider, labels.model, rm, ttype, labels.department),
+                    self.metrics.gen_ai_tokens,
+                    6,
+                ).observe(n)
+        if duration is not None and math.isfinite(duration) and duration >= 0:
+            rm = self.bounds.model(labels.provider, resp_model)
+            self._child(
+                ("dur", operation, labels.provider, labels.model, rm, error_type),
+                self.metrics.gen_ai_duration,
+                5,
+            ).observe(duration)
+
+        rec = CallRecord(
+            labels=labels,
+            usage=usage,
+            cost_usd=cost,
+            outcome=outcome,
+            at=time.time() if now is None else now,
+            priced=priced,
+        )
+        for listener in self._listeners:
+            try:
+                listener(rec)
+            except Exception:
+                log.exception("meter listener failed")
+        return rec
+
+    def _child(self, key: tuple[str, ...], metric: Any, n: int) -> Any:
+        c = self._hist.get(key)
+        if c is None:
+            c = metric.labels(*key[len(key) - n :])
+            self._hist[key] = c
+        return c
+
+
+_default: Meter | None = None
+_default_lock = threading.Lock()
+
+
+def default_meter() -> Meter:
+    """The process-wide meter on the global registry (created on first use)."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Meter()
+    return _default

@@ -1,0 +1,388 @@
+"""Instrumented httpx transports: meter every LLM call an httpx-based SDK (openai, anthropic) makes.
+
+The transport wraps another transport and observes the response bytes as the app reads them: nothing is buffered
+or delayed, and a stream is metered when it ends or is closed early. Metering never raises into the app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+import httpx
+
+from tokenfuse.exporter.labels import CallLabels
+from tokenfuse.exporter.meter import Meter, default_meter
+from tokenfuse.metering.estimate import estimate_usage
+from tokenfuse.metering.extract import detect_api, extract_usage, infer_provider, request_model
+from tokenfuse.metering.stream import StreamUsageParser
+from tokenfuse.metering.types import API_OPERATIONS, Api, Usage
+
+__all__ = ["AsyncMeteredTransport", "MeteredTransport", "current_labels", "labels"]
+
+log = logging.getLogger("tokenfuse.exporter")
+
+_labels: ContextVar[Mapping[str, str] | None] = ContextVar("tokenfuse_labels", default=None)
+_MAX_JSON_BODY = 16 * 1024 * 1024
+_warned_encodings: set[str] = set()
+
+
+@contextlib.contextmanager
+def labels(
+    *, department: str | None = None, project: str | None = None, environment: str | None = None
+) -> Iterator[None]:
+    """Override the labels of the calls made inside the block (contextvars: safe across threads and tasks).
+
+    Args:
+        department: bill the calls to this department.
+        project: project label.
+        environment: environment label.
+    """
+    given = {"department": department, "project": project, "environment": environment}
+    merged = {**(_labels.get() or {}), **{k: v for k, v in given.items() if v is not None}}
+    token = _labels.set(merged)
+    try:
+        yield
+    finally:
+        _labels.reset(token)
+
+
+def current_labels() -> Mapping[str, str]:
+    """The label overrides in force in this context."""
+    return _labels.get() or {}
+
+
+def _decoder(encoding: str) -> Any:
+    enc = encoding.strip().lower()
+    if enc in ("", "identity"):
+        return None
+    if enc == "gzip":
+        return zlib.decompressobj(zlib.MAX_WBITS | 16)
+    if enc == "deflate":
+        return zlib.decompressobj()
+    if enc == "br":
+        try:
+            import brotli  # type: ignore[import-not-found]
+
+            return brotli.Decompressor()
+        except ImportError:
+            pass
+    if enc not in _warned_encodings:
+        _warned_encodings.add(enc)
+        log.warning("cannot decode content-encoding %r for metering; such calls are estimated", enc)
+    return False
+
+
+class _Observation:
+    """One call in flight: collects the response bytes' usage and records the call exactly once."""
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_decoder",
+        "_done",
+        "_parser",
+        "api",
+        "error_type",
+        "labels",
+        "meter",
+        "request_json",
+        "request_model",
+        "start",
+        "status",
+    )
+
+    def __init__(
+        self,
+        meter: Meter,
+        api: Api,
+        call_labels: CallLabels,
+        request_model: str | None,
+        request_json: Mapping[str, Any] | None,
+        start: float,
+    ) -> None:
+        self.meter = meter
+        self.api = api
+        self.labels = call_labels
+        self.request_model = request_model
+        self.request_json = request_json
+        self.start = start
+        self.status = 0
+        self.error_type = ""
+        self._parser: StreamUsageParser | None = None
+        self._body: list[bytes] | None = None
+        self._body_size = 0
+        self._decoder: Any = None
+        self._done = False
+
+    def on_response(self, response: httpx.Response) -> None:
+        self.status = response.status_code
+        if self.status >= 400:
+            return
+        ctype = response.headers.get("content-type", "")
+        dec = _decoder(response.headers.get("content-encoding", ""))
+        self._decoder = dec
+        if dec is False:
+            return
+        if "text/event-stream" in ctype:
+            self._parser = StreamUsageParser(self.api)
+        else:
+            self._body = []
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            if self._decoder:
+                chunk = self._decoder.decompress(chunk)
+            if self._parser is not None:
+                self._parser.feed(chunk)
+            elif self._body is not None:
+                self._body_size += len(chunk)
+                if self._body_size <= _MAX_JSON_BODY:
+                    self._body.append(chunk)
+                else:
+                    self._body = None
+        except Exception:
+            log.debug("metering could not read a chunk", exc_info=True)
+            self._parser = None
+            self._body = None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._record(error)
+        except Exception:
+            log.exception("metering failed; the call itself was not affected")
+
+    def _record(self, error: BaseException | None) -> None:
+        usage: Usage | None = None
+        if error is not None and self.status == 0:
+            outcome = "upstream_error"
+            self.error_type = type(error).__name__
+        elif self.status >= 500 or self.status == 429:
+            outcome = "upstream_error"
+            self.error_type = str(self.status)
+        elif self.status >= 400:
+            outcome = "client_error"
+            self.error_type = str(self.status)
+        else:
+            outcome = "success"
+            if self._parser is not None:
+                usage = self._parser.result()
+                if usage is None:
+                    usage = estimate_usage(self.api, self.request_json, self._parser.output_text, self.request_model)
+            elif self._body is not None:
+                usage = extract_usage(self.api, b"".join(self._body))
+                if usage is None:
+                    usage = estimate_usage(self.api, self.request_json, "", self.request_model)
+            else:
+                usage = estimate_usage(self.api, self.request_json, "", self.request_model)
+            if error is not None:
+                self.error_type = type(error).__name__
+        self.meter.record(
+            self.labels,
+            usage=usage,
+            outcome=outcome,
+            operation=API_OPERATIONS.get(self.api, "chat"),
+            request_model=self.request_model,
+            duration=time.perf_counter() - self.start,
+            error_type=self.error_type,
+        )
+
+
+class _SyncObservedStream(httpx.SyncByteStream):
+    def __init__(self, inner: Any, obs: _Observation) -> None:
+        self._inner = inner
+        self._obs = obs
+
+    def __iter__(self) -> Iterator[bytes]:
+        obs = self._obs
+        try:
+            for chunk in self._inner:
+                obs.feed(chunk)
+                yield chunk
+        except GeneratorExit:
+            obs.finish()  # the app stopped reading: meter what it got
+            raise
+        except BaseException as e:
+            obs.finish(e)
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._inner, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._obs.finish()
+
+
+class _AsyncObservedStream(httpx.AsyncByteStream):
+    def __init__(self, inner: Any, obs: _Observation) -> None:
+        self._inner = inner
+        self._obs = obs
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        obs = self._obs
+        try:
+            async for chunk in self._inner:
+                obs.feed(chunk)
+                yield chunk
+        except GeneratorExit:
+            obs.finish()
+            raise
+        except BaseException as e:
+            obs.finish(e)
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self._inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._obs.finish()
+
+
+class _Instrument:
+    """What both transports share: decide whether a request is an LLM call and open its observation."""
+
+    def __init__(
+        self,
+        *,
+        meter: Meter | None,
+        department: str | None,
+        project: str | None,
+        environment: str | None,
+        provider: str | None,
+    ) -> None:
+        self._meter = meter
+        self.department = department
+        self.project = project
+        self.environment = environment
+        self.provider = provider
+
+    @property
+    def meter(self) -> Meter:
+        return self._meter if self._meter is not None else default_meter()
+
+    def observe(self, request: httpx.Request) -> _Observation | None:
+        try:
+            if request.method != "POST":
+                return None
+            path = request.url.path
+            api = detect_api(path, request.url.host)
+            if api is None:
+                return None
+            body: Mapping[str, Any] | None = None
+            try:
+                content = request.content
+            except httpx.RequestNotRead:
+                content = b""
+            if content and len(content) <= _MAX_JSON_BODY:
+                try:
+                    parsed = json.loads(content)
+                    if isinstance(parsed, dict):
+                        body = parsed
+                except ValueError:
+                    body = None
+            model = request_model(api, body, path) if body is not None else request_model(api, {}, path)
+            over = _labels.get() or {}
+            meter = self.meter
+            call_labels = meter.labels(
+                department=over.get("department", self.department),
+                project=over.get("project", self.project),
+                environment=over.get("environment", self.environment),
+                provider=self.provider or infer_provider(request.url.host, api),
+                model=model,
+            )
+            return _Observation(meter, api, call_labels, model, body, time.perf_counter())
+        except Exception:
+            log.exception("metering could not inspect a request; it is forwarded unmetered")
+            return None
+
+
+class MeteredTransport(httpx.BaseTransport):
+    """An httpx transport that meters the LLM calls passing through it.
+
+    Args:
+        transport: the transport to wrap (default: ``httpx.HTTPTransport()``).
+        department: department the calls are billed to (override per call with `labels`).
+        project: project label.
+        environment: environment label.
+        provider: genai-prices provider id; default: inferred from the host and API shape.
+        meter: where to record (default: the process-wide meter on the global registry).
+    """
+
+    def __init__(
+        self,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        department: str | None = None,
+        project: str | None = None,
+        environment: str | None = None,
+        provider: str | None = None,
+        meter: Meter | None = None,
+    ) -> None:
+        self._inner = transport if transport is not None else httpx.HTTPTransport()
+        self._instrument = _Instrument(
+            meter=meter, department=department, project=project, environment=environment, provider=provider
+        )
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        obs = self._instrument.observe(request)
+        if obs is None:
+            return self._inner.handle_request(request)
+        try:
+            response = self._inner.handle_request(request)
+        except BaseException as e:
+            obs.finish(e)
+            raise
+        obs.on_response(response)
+        response.stream = _SyncObservedStream(response.stream, obs)
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class AsyncMeteredTransport(httpx.AsyncBaseTransport):
+    """The asyncio twin of `MeteredTransport` (same arguments; default inner: ``httpx.AsyncHTTPTransport()``)."""
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        department: str | None = None,
+        project: str | None = None,
+        environment: str | None = None,
+        provider: str | None = None,
+        meter: Meter | None = None,
+    ) -> None:
+        self._inner = transport if transport is not None else httpx.AsyncHTTPTransport()
+        self._instrument = _Instrument(
+            meter=meter, department=department, project=project, environment=environment, provider=provider
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        obs = self._instrument.observe(request)
+        if obs is None:
+            return await self._inner.handle_async_request(request)
+        try:
+            response = await self._inner.handle_async_request(request)
+        except BaseException as e:
+            obs.finish(e)
+            raise
+        obs.on_response(response)
+        response.stream = _AsyncObservedStream(response.stream, obs)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
