@@ -1,0 +1,637 @@
+"""The gateway's aiohttp application: authenticate, admit, forward (streaming included), meter, settle.
+
+Apps change only ``base_url`` and their key. The request body is forwarded as received unless tokenfuse must edit
+it (``tags`` removed, ``stream_options.include_usage`` added), so the common path does one JSON parse and no dump.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from tokenfuse.config import UNASSIGNED, Config, Upstream
+from tokenfuse.exporter.labels import CallLabels
+from tokenfuse.exporter.meter import Meter
+from tokenfuse.gateway.errors import GatewayError, error_response
+from tokenfuse.metering.estimate import estimate_prompt_tokens, estimate_usage, max_output_tokens
+from tokenfuse.metering.extract import extract_usage, request_model
+from tokenfuse.metering.stream import StreamUsageParser
+from tokenfuse.metering.types import API_OPERATIONS, Api, Usage
+
+__all__ = ["Gateway", "make_app"]
+
+log = logging.getLogger("tokenfuse.gateway")
+
+ROUTES: dict[str, Api] = {
+    "/v1/chat/completions": "openai.chat",
+    "/v1/completions": "openai.completions",
+    "/v1/embeddings": "openai.embeddings",
+    "/v1/responses": "openai.responses",
+    "/v1/messages": "anthropic.messages",
+}
+
+# Headers that never cross the gateway: hop-by-hop, the client's credentials, tokenfuse's own routing headers.
+_DROP_REQUEST = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "cookie",
+        "x-project",
+        "x-environment",
+        "x-department",
+        "x-tokenfuse-project",
+        "x-tokenfuse-environment",
+        "x-tokenfuse-department",
+        "accept-encoding",
+    }
+)
+_DROP_RESPONSE = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "content-encoding",
+        "upgrade",
+        "trailer",
+        "set-cookie",
+        "server",
+        "date",
+    }
+)
+_PROJECT_HEADERS = ("x-tokenfuse-project", "x-project")
+_ENV_HEADERS = ("x-tokenfuse-environment", "x-environment")
+_DEPT_HEADERS = ("x-tokenfuse-department", "x-department")
+
+
+def _first_header(headers: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    for n in names:
+        v = headers.get(n)
+        if v:
+            return v
+    return None
+
+
+class _UsageChunkFilter:
+    """Drops the usage-only chunk tokenfuse asked for on the client's behalf from an OpenAI chat stream.
+
+    Only used when the client did not ask for usage itself; events are split on blank lines, everything else
+    passes through unchanged and in order.
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._buf + chunk
+        cut = max(data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n"))
+        if cut < 0:
+            self._buf = data
+            return b""
+        end = cut + (4 if data.startswith(b"\r\n\r\n", cut) else 2)
+        head, self._buf = data[:end], data[end:]
+        if b'"usage"' not in head or b'"choices":[]' not in head.replace(b" ", b""):
+            return head
+        out = []
+        for event in head.replace(b"\r\n", b"\n").split(b"\n\n"):
+            if not event:
+                continue
+            compact = event.replace(b" ", b"")
+            if b'"choices":[]' in compact and b'"usage":{' in compact:
+                continue
+            out.append(event + b"\n\n")
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self._buf = self._buf, b""
+        return rest
+
+
+class Gateway:
+    """The state one gateway process serves from.
+
+    Args:
+        config: validated config.
+        registry: metrics registry exposed on /metrics (default: a fresh one).
+        policy: a started `tokenfuse.policies.PolicyEngine`, or None to meter without enforcing.
+        meter: the meter (default: one on ``registry``).
+        environ: where upstream keys are read (default: the process environment).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        policy: Any = None,
+        meter: Meter | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.meter = meter if meter is not None else Meter(config, self.registry)
+        self.policy = policy
+        self._environ = environ
+        self.session: aiohttp.ClientSession | None = None
+        self.ready = False
+        self._apply(config)
+
+    def _apply(self, config: Config) -> None:
+        self.config = config
+        self.keys = config.key_index()
+        self._key_cache: dict[str, str | None] = {}
+        self._upstream_keys = {u.name: u.api_key(self._environ) for u in config.upstreams}
+        self._timeouts = {
+            u.name: aiohttp.ClientTimeout(total=None, sock_connect=u.connect_timeout, sock_read=u.timeout)
+            for u in config.upstreams
+        }
+        self._route_cache: dict[str, Upstream | None] = {}
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt a new config without dropping connections or state."""
+        self._apply(config)
+        self.meter.reconfigure(config)
+        if self.policy is not None:
+            self.policy.reconfigure(config)
+
+    async def startup(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar()
+        )
+        self.ready = True
+
+    async def cleanup(self, app: web.Application) -> None:
+        self.ready = False
+        if self.session is not None:
+            await self.session.close()
+
+    # -- who pays -------------------------------------------------------------------------------------------
+
+    def _department(self, request: web.Request) -> str:
+        auth = request.headers.get("authorization")
+        key: str | None = None
+        if auth:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() == "bearer" and value.strip():
+                key = value.strip()
+        if key is None:
+            key = request.headers.get("x-api-key") or request.headers.get("api-key")
+        if not key:
+            if self.config.gateway.require_key:
+                raise GatewayError(
+                    401,
+                    "Missing API key: send your tokenfuse virtual key as 'Authorization: Bearer <key>' "
+                    "(or 'x-api-key' for Anthropic clients).",
+                    "authentication_error",
+                    "missing_api_key",
+                )
+            return UNASSIGNED
+        dept = self._key_cache.get(key)
+        if dept is None:
+            dept = self.keys.get("sha256:" + hashlib.sha256(key.encode()).hexdigest())
+            if dept is None:
+                raise GatewayError(
+                    401,
+                    "Invalid API key: this is not a tokenfuse virtual key of any department "
+                    "(create one with `tokenfuse keys new --department NAME`).",
+                    "authentication_error",
+                    "invalid_api_key",
+                )
+            if len(self._key_cache) < 10000:
+                self._key_cache[key] = dept
+        return dept
+
+    def _route(self, model: str) -> Upstream:
+        up = self._route_cache.get(model, False)
+        if up is False:
+            up = self.config.route(model)
+            if len(self._route_cache) < 10000:
+                self._route_cache[model] = up
+        if up is None:
+            raise GatewayError(
+                404,
+                f"The model '{model}' is not routed by this gateway: no upstream's models pattern matches it.",
+                "invalid_request_error",
+                "model_not_found",
+            )
+        assert isinstance(up, Upstream)
+        return up
+
+    # -- the proxy ------------------------------------------------------------------------------------------
+
+    async def handle_llm(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        api = ROUTES[request.path]
+        dept = UNASSIGNED
+        model: str | None = None
+        try:
+            dept = self._department(request)
+            max_body = self.config.gateway.max_body_bytes
+            if request.content_length is not None and request.content_length > max_body:
+                raise _too_large(max_body)
+            raw = await _read_body(request, max_body)
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                raise GatewayError(
+                    400, "The request body is not valid JSON.", "invalid_request_error", "invalid_json"
+                ) from None
+            if not isinstance(body, dict):
+                raise GatewayError(
+                    400, "The request body must be a JSON object.", "invalid_request_error", "invalid_json"
+                )
+            model = request_model(api, body, request.path)
+            if not model or not isinstance(body.get("model"), str):
+                raise GatewayError(
+                    400, "The request body has no 'model' (a string).", "invalid_request_error", "missing_model"
+                )
+            project, environment, edited = self._tags(request, body, dept)
+            upstream = self._route(model)
+            stream = body.get("stream") is True
+            inject_usage = False
+            if stream and api in ("openai.chat", "openai.completions"):
+                so = body.get("stream_options")
+                if not (isinstance(so, dict) and so.get("include_usage") is True):
+                    body["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
+                    inject_usage = True
+                    edited = True
+            if edited:
+                raw = json.dumps(body, separators=(",", ":")).encode()
+        except GatewayError as e:
+            self._count_refused(dept, None, None, model, e.outcome)
+            return e.response()
+
+        labels = self.meter.labels(
+            department=dept, project=project, environment=environment, provider=upstream.provider, model=model
+        )
+        admission = None
+        if self.policy is not None:
+            admission = await self._admit(api, body, labels, upstream)
+            if not admission.admitted:
+                return self._blocked(labels, admission)
+        try:
+            return await self._forward(request, api, body, raw, labels, upstream, stream, inject_usage, admission, t0)
+        except BaseException:
+            if admission is not None and self.policy is not None:
+                self.policy.settle(admission.reservation, None)
+            raise
+
+    def _tags(self, request: web.Request, body: dict[str, Any], dept: str) -> tuple[str | None, str | None, bool]:
+        h = request.headers
+        project = _first_header(h, _PROJECT_HEADERS)
+        environment = _first_header(h, _ENV_HEADERS)
+        claimed = _first_header(h, _DEPT_HEADERS)
+        edited = False
+        tags = body.get("tags")
+        if "tags" in body:
+            del body["tags"]
+            edited = True
+            if tags is not None and not isinstance(tags, dict):
+                raise GatewayError(
+                    400,
+                    '\'tags\' must be an object such as {"project": "...", "environment": "..."}.',
+                    "invalid_request_error",
+                    "invalid_tags",
+                )
+            if isinstance(tags, dict):
+                for k, v in tags.items():
+                    if k not in ("department", "project", "environment") or not isinstance(v, str):
+                        raise GatewayError(
+                            400,
+                            f"'tags.{k}' is not allowed: tags take string values for department, project, environment.",
+                            "invalid_request_error",
+                            "invalid_tags",
+                        )
+                project = tags.get("project", project)
+                environment = tags.get("environment", environment)
+                claimed = tags.get("department", claimed)
+        if claimed is not None and claimed != dept:
+            raise GatewayError(
+                403,
+                f"This key belongs to department '{dept}'; a header or tag cannot bill the call to '{claimed}'.",
+                "permission_error",
+                "department_mismatch",
+            )
+        return project, environment, edited
+
+    async def _admit(self, api: Api, body: dict[str, Any], labels: CallLabels, upstream: Upstream) -> Any:
+        dep = self.config.departments.get(labels.department)
+        if dep is None or (dep.monthly_budget_usd is None and dep.hourly_token_limit is None):
+            prompt = 0
+        else:
+            prompt = estimate_prompt_tokens(api, body, labels.model)
+        out = 0 if api == "openai.embeddings" else max_output_tokens(api, body, self.config.policy.default_max_tokens)
+        return self.policy.admit(
+            labels.department,
+            input_tokens=prompt,
+            max_output_tokens=out,
+            provider=upstream.provider,
+            model=labels.model,
+        )
+
+    def _blocked(self, labels: CallLabels, admission: Any) -> web.Response:
+        self.meter.record(labels, usage=None, outcome="blocked")
+        reason = admission.reason or "fuse_open"
+        self.meter.metrics.blocked.labels(labels.department, reason).inc()
+        retry = admission.retry_after
+        headers = {
+            "x-should-retry": "false",
+            "x-tokenfuse-department": labels.department,
+            "x-tokenfuse-fuse-state": str(admission.state),
+        }
+        if retry is not None and math.isfinite(retry):
+            headers["retry-after"] = str(max(1, math.ceil(retry)))
+        if reason == "fuse_open":
+            code = "department_fuse_open"
+            msg = (
+                f"Department '{labels.department}' is over its limit and its fuse is open; "
+                "requests are refused until it closes."
+            )
+        else:
+            code = "insufficient_budget"
+            msg = (
+                f"Department '{labels.department}' has not enough budget or tokens left for this request's worst case "
+                "(prompt + max_tokens); lower max_tokens or wait."
+            )
+        return error_response(429, msg, "budget_exceeded", code, headers)
+
+    def _success_headers(self, labels: CallLabels, admission: Any) -> dict[str, str]:
+        h = {"x-tokenfuse-department": labels.department}
+        if admission is not None:
+            if admission.budget_remaining_usd is not None:
+                h["x-tokenfuse-budget-remaining-usd"] = f"{max(admission.budget_remaining_usd, 0.0):.6f}"
+            if admission.tokens_remaining is not None:
+                h["x-tokenfuse-tokens-remaining-1h"] = str(max(int(admission.tokens_remaining), 0))
+        return h
+
+    def _upstream_request(self, request: web.Request, upstream: Upstream) -> tuple[str, dict[str, str]]:
+        path = request.path
+        suffix = path[3:] if path.startswith("/v1/") else path
+        url = upstream.base_url + suffix
+        if request.query_string:
+            url += "?" + request.query_string
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+        key = self._upstream_keys.get(upstream.name)
+        if key:
+            if upstream.provider == "anthropic":
+                headers["x-api-key"] = key
+            else:
+                headers["Authorization"] = "Bearer " + key
+        headers["Content-Type"] = "application/json"
+        return url, headers
+
+    async def _forward(
+        self,
+        request: web.Request,
+        api: Api,
+        body: dict[str, Any],
+        raw: bytes,
+        labels: CallLabels,
+        upstream: Upstream,
+        stream: bool,
+        inject_usage: bool,
+        admission: Any,
+        t0: float,
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        url, headers = self._upstream_request(request, upstream)
+        t_up = time.perf_counter()
+        try:
+            up = await self.session.post(url, data=raw, headers=headers, timeout=self._timeouts[upstream.name])
+        except TimeoutError:
+            return self._upstream_failed(
+                labels, admission, 504, "upstream_timeout", f"upstream '{upstream.name}' timed out", t0
+            )
+        except aiohttp.ClientError as e:
+            return self._upstream_failed(
+                labels, admission, 502, "upstream_unreachable", f"upstream '{upstream.name}' unreachable: {e}", t0
+            )
+        try:
+            ctype = up.headers.get("content-type", "")
+            resp_headers = {k: v for k, v in up.headers.items() if k.lower() not in _DROP_RESPONSE}
+            resp_headers.update(self._success_headers(labels, admission))
+            if "text/event-stream" in ctype and up.status < 400:
+                return await self._stream(
+                    request, api, body, up, resp_headers, labels, inject_usage, admission, t0, t_up
+                )
+            try:
+                data = await up.read()
+            except TimeoutError:
+                return self._upstream_failed(labels, admission, 504, "upstream_timeout", "upstream timed out", t0)
+            except aiohttp.ClientError as e:
+                return self._upstream_failed(
+                    labels, admission, 502, "upstream_unreachable", f"upstream failed: {e}", t0
+                )
+            t_back = time.perf_counter()
+            status = up.status
+        finally:
+            up.release()
+        usage: Usage | None = None
+        if status < 400:
+            usage = extract_usage(api, data)
+            if usage is None:
+                usage = estimate_usage(api, body, "", labels.model)
+            outcome = "success"
+        else:
+            outcome = "upstream_error" if status >= 500 or status == 429 else "client_error"
+        self._finish(labels, api, usage, outcome, admission, t0, str(status) if status >= 400 else "")
+        resp = web.Response(status=status, body=data, headers=resp_headers)
+        self.meter.metrics.overhead.labels("json").observe(max(time.perf_counter() - t0 - (t_back - t_up), 0.0))
+        return resp
+
+    async def _stream(
+        self,
+        request: web.Request,
+        api: Api,
+        body: dict[str, Any],
+        up: aiohttp.ClientResponse,
+        resp_headers: dict[str, str],
+        labels: CallLabels,
+        inject_usage: bool,
+        admission: Any,
+        t0: float,
+        t_up: float,
+    ) -> web.StreamResponse:
+        parser = StreamUsageParser(api)
+        filt = _UsageChunkFilter() if inject_usage else None
+        resp = web.StreamResponse(status=up.status, headers=resp_headers)
+        client_gone = False
+        upstream_failed = False
+        self.meter.metrics.overhead.labels("stream").observe(t_up - t0)
+        try:
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                parser.feed(chunk)
+                out = filt.feed(chunk) if filt is not None else chunk
+                if out:
+                    try:
+                        await resp.write(out)
+                    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                        client_gone = True
+                        break
+            if filt is not None and not client_gone:
+                rest = filt.flush()
+                if rest:
+                    await resp.write(rest)
+        except (TimeoutError, aiohttp.ClientError):
+            upstream_failed = True
+        except (ConnectionResetError, asyncio.CancelledError):
+            client_gone = True
+            raise
+        finally:
+            usage = parser.result()
+            if usage is None:
+                usage = estimate_usage(api, body, parser.output_text, labels.model)
+            error = "client_closed" if client_gone else ("stream_cut" if upstream_failed else "")
+            self._finish(labels, api, usage, "success", admission, t0, error)
+        if upstream_failed and request.transport is not None:
+            # The upstream cut the stream: cut the client's too, so it cannot mistake a partial answer for a whole one.
+            request.transport.close()
+        elif not client_gone:
+            with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+                await resp.write_eof()
+        return resp
+
+    def _finish(
+        self,
+        labels: CallLabels,
+        api: Api,
+        usage: Usage | None,
+        outcome: str,
+        admission: Any,
+        t0: float,
+        error_type: str,
+    ) -> None:
+        rec = self.meter.record(
+            labels,
+            usage=usage,
+            outcome=outcome,
+            operation=API_OPERATIONS.get(api, "chat"),
+            request_model=labels.model,
+            duration=time.perf_counter() - t0,
+            error_type=error_type,
+        )
+        if admission is not None and self.policy is not None:
+            self.policy.settle(admission.reservation, rec)
+
+    def _upstream_failed(
+        self, labels: CallLabels, admission: Any, status: int, code: str, message: str, t0: float
+    ) -> web.Response:
+        self.meter.record(
+            labels, usage=None, outcome="upstream_error", duration=time.perf_counter() - t0, error_type=code
+        )
+        if admission is not None and self.policy is not None:
+            self.policy.settle(admission.reservation, None)
+        return error_response(status, message, "api_error", code, {"x-tokenfuse-department": labels.department})
+
+    def _count_refused(
+        self, dept: str, project: str | None, environment: str | None, model: str | None, outcome: str
+    ) -> None:
+        try:
+            labels = self.meter.labels(department=dept, project=project, environment=environment, model=model)
+            self.meter.record(labels, usage=None, outcome=outcome)
+        except Exception:
+            log.exception("could not count a refused request")
+
+    # -- the other routes -----------------------------------------------------------------------------------
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        data = []
+        for u in self.config.upstreams:
+            for pattern in u.models:
+                data.append({"id": pattern, "object": "model", "owned_by": u.name, "created": 0})
+        return web.json_response({"object": "list", "data": data})
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return web.Response(body=encoder(self.registry), headers={"Content-Type": content_type})
+
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def handle_readyz(self, request: web.Request) -> web.Response:
+        ok = self.ready
+        detail: dict[str, Any] = {"status": "ready" if ok else "starting"}
+        if self.policy is not None and hasattr(self.policy, "source_healthy"):
+            healthy = bool(self.policy.source_healthy())
+            detail["policy_source"] = "up" if healthy else "down"
+        return web.json_response(detail, status=200 if ok else 503)
+
+    async def handle_not_found(self, request: web.Request) -> web.Response:
+        return error_response(
+            404, f"Unknown route {request.method} {request.path}.", "invalid_request_error", "unknown_route"
+        )
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            parts.append(chunk)
+    except (aiohttp.ClientPayloadError, ValueError, ConnectionError) as e:
+        raise GatewayError(400, f"could not read the request body: {e}", "invalid_request_error", "bad_body") from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"The request body is larger than gateway.max_body_bytes ({limit} bytes).",
+        "invalid_request_error",
+        "request_too_large",
+    )
+
+
+def make_app(gateway: Gateway, extra_routes: Callable[[web.Application], object] | None = None) -> web.Application:
+    """Build the aiohttp application around ``gateway``.
+
+    Args:
+        gateway: the state to serve from.
+        extra_routes: adds more routes (the admin API) before the catch-all 404.
+    """
+    app = web.Application(client_max_size=gateway.config.gateway.max_body_bytes + 1024)
+    for path in ROUTES:
+        app.router.add_post(path, gateway.handle_llm)
+    app.router.add_get("/v1/models", gateway.handle_models)
+    app.router.add_get("/metrics", gateway.handle_metrics)
+    app.router.add_get("/healthz", gateway.handle_healthz)
+    app.router.add_get("/readyz", gateway.handle_readyz)
+    if extra_routes is not None:
+        extra_routes(app)
+    app.router.add_route("*", "/{tail:.*}", gateway.handle_not_found)
+    app.on_startup.append(gateway.startup)
+    app.on_cleanup.append(gateway.cleanup)
+    app["gateway"] = gateway
+    return app

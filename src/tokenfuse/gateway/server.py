@@ -1,0 +1,139 @@
+"""Running the gateway: `GatewayServer` (start/stop/reload, used by tests, bench and demo) and `serve` (the CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from tokenfuse.config import Config, ConfigError, load_config
+from tokenfuse.gateway.admin import add_admin_routes
+from tokenfuse.gateway.app import Gateway, make_app
+
+__all__ = ["GatewayServer", "serve"]
+
+log = logging.getLogger("tokenfuse.gateway")
+
+
+class GatewayServer:
+    """One gateway process: policy engine + aiohttp app + listening socket.
+
+    Args:
+        config: validated config.
+        config_path: file to re-read on `reload` (SIGHUP, ``POST /admin/reload``).
+        host: listen address (default: ``gateway.listen``'s host).
+        port: listen port (default: ``gateway.listen``'s port; 0 picks a free one).
+        registry: metrics registry (default: a fresh one).
+        environ: environment for upstream keys and the admin token (default: ``os.environ``).
+        enforce: run the policy engine (fuses, admission); False meters only.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | Path | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        registry: CollectorRegistry | None = None,
+        environ: Mapping[str, str] | None = None,
+        enforce: bool = True,
+    ) -> None:
+        self.config = config
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.host = host if host is not None else config.gateway.host
+        self.port = port if port is not None else config.gateway.port
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.environ = environ
+        self.enforce = enforce
+        self.policy: Any = None
+        self.gateway: Gateway | None = None
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> GatewayServer:
+        from tokenfuse.exporter.meter import Meter
+
+        meter = Meter(self.config, self.registry)
+        if self.enforce:
+            from tokenfuse.policies import PolicyEngine
+
+            self.policy = PolicyEngine(self.config, meter)
+            await self.policy.start()
+        self.gateway = Gateway(
+            self.config, registry=self.registry, policy=self.policy, meter=meter, environ=self.environ
+        )
+        app = make_app(self.gateway, extra_routes=lambda a: add_admin_routes(a, self))
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024, reuse_address=True)
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{self.port}"
+        log.info("tokenfuse gateway listening on %s", self.url)
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.policy is not None:
+            await self.policy.stop()
+
+    async def __aenter__(self) -> GatewayServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def reload(self, config: Config | None = None) -> tuple[bool, str]:
+        """Re-read the config file (or adopt ``config``); an invalid config is refused and the old one stays.
+
+        Returns:
+            ``(True, "reloaded")`` or ``(False, reason)``.
+        """
+        try:
+            if config is None:
+                if self.config_path is None:
+                    return False, "no config file to reload from"
+                config = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("config reload refused, keeping the old config: %s", e)
+            return False, str(e)
+        self.config = config
+        if self.gateway is not None:
+            self.gateway.reconfigure(config)
+        log.info("config reloaded from %s", self.config_path)
+        return True, "reloaded"
+
+
+def serve(config_path: str) -> None:
+    """Run the gateway until SIGINT/SIGTERM; SIGHUP reloads the config."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    config = load_config(config_path)
+
+    async def main() -> None:
+        server = GatewayServer(config, config_path=config_path)
+        await server.start()
+        print(f"tokenfuse gateway on {server.url} (metrics: {server.url}/metrics)", file=sys.stderr, flush=True)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: server.reload())
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
