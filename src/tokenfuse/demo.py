@@ -132,7 +132,10 @@ def snapshot(registry: CollectorRegistry) -> dict[str, dict[str, float]]:
 
 
 def _table(rows: dict[str, dict[str, float]]) -> str:
-    head = f"{'department':<12} {'requests':>9} {'blocked':>8} {'tokens':>11} {'cost USD':>10} {'budget used':>12} {'fuse':>10}"
+    head = (
+        f"{'department':<12} {'requests':>9} {'blocked':>8} {'tokens':>11} {'cost USD':>10} "
+        f"{'budget used':>12} {'fuse':>10}"
+    )
     lines = [head, "-" * len(head)]
     for dept in sorted(rows):
         r = rows[dept]
