@@ -1,0 +1,76 @@
+"""Shared test helpers: configs pointing at a fake upstream, and the CI rule for missing binaries."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tokenfuse.config import Config, hash_key, parse_config
+
+KEYS = {"marketing": "tf-test-marketing", "engineering": "tf-test-engineering", "support": "tf-test-support"}
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def fake_config(upstream_url: str, tmp_path: Path | None = None, **sections: Any) -> Config:
+    """A config whose upstreams all point at the fake upstream, with three departments and test keys.
+
+    Args:
+        upstream_url: the fake upstream's URL (no /v1).
+        tmp_path: where the policy state file goes.
+        sections: top-level sections merged over the defaults (``departments`` replaces, others update).
+    """
+    data: dict[str, Any] = {
+        "timezone": "UTC",
+        "upstreams": [
+            {
+                "name": "fake-openai",
+                "base_url": upstream_url + "/v1",
+                "api_key_env": "TOKENFUSE_TEST_UPSTREAM_KEY",
+                "provider": "openai",
+                "models": ["gpt-*", "o3*", "text-embedding-*"],
+            },
+            {
+                "name": "fake-anthropic",
+                "base_url": upstream_url + "/v1",
+                "api_key_env": "TOKENFUSE_TEST_ANTHROPIC_KEY",
+                "provider": "anthropic",
+                "models": ["claude-*"],
+            },
+            {
+                "name": "fake-deepseek",
+                "base_url": upstream_url + "/v1",
+                "provider": "deepseek",
+                "models": ["deepseek-*"],
+            },
+        ],
+        "departments": {
+            "marketing": {
+                "monthly_budget_usd": 500,
+                "hourly_token_limit": 500000,
+                "keys": [hash_key(KEYS["marketing"])],
+            },
+            "engineering": {"monthly_budget_usd": 1000, "keys": [hash_key(KEYS["engineering"])]},
+            "support": {"keys": [hash_key(KEYS["support"])]},
+        },
+        "policy": {"state_path": str((tmp_path or Path("/tmp")) / "tokenfuse-test.db"), "interval": "1s"},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict) and k != "departments":
+            data[k] = {**data[k], **v}
+        else:
+            data[k] = v
+    return parse_config(data)
+
+
+def require_binary(name: str) -> str:
+    """Path of a binary the test needs; under CI=true a missing one fails the test instead of skipping it."""
+    path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is not installed; CI must install it (.ci/run installs the Debian packages)")
+        pytest.skip(f"{name} not installed")
+    return path
