@@ -47,9 +47,12 @@ class Stack:
         total = 0.0
         for fam in self.registry.collect():
             for s in fam.samples:
-                if s.name == REQUESTS_TOTAL and s.labels["outcome"] == outcome:
-                    if department is None or s.labels["department"] == department:
-                        total += s.value
+                if (
+                    s.name == REQUESTS_TOTAL
+                    and s.labels["outcome"] == outcome
+                    and (department is None or s.labels["department"] == department)
+                ):
+                    total += s.value
         return total
 
     def cost(self, department: str) -> float:
