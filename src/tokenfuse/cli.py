@@ -82,7 +82,7 @@ def _cmd_fake_upstream(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tokenfuse.gateway.server import serve
 
-    serve(args.config)
+    serve(args.config, enforce=not args.no_enforce)
     return 0
 
 
@@ -120,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = add("serve", _cmd_serve, "run the metering gateway")
     sp.add_argument("--config", required=True)
+    sp.add_argument("--no-enforce", action="store_true", help="meter only: no fuses, no admission control")
 
     sp = add("demo", _cmd_demo, "fake upstream + gateway + synthetic traffic, with a live table")
     sp.add_argument("--duration", type=float, default=None, help="stop after SECONDS (default: until Ctrl-C)")

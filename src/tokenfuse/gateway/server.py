@@ -117,13 +117,18 @@ class GatewayServer:
         return True, "reloaded"
 
 
-def serve(config_path: str) -> None:
-    """Run the gateway until SIGINT/SIGTERM; SIGHUP reloads the config."""
+def serve(config_path: str, enforce: bool = True) -> None:
+    """Run the gateway until SIGINT/SIGTERM; SIGHUP reloads the config.
+
+    Args:
+        config_path: the tokenfuse.yaml to serve (and re-read on SIGHUP).
+        enforce: run the policy engine; False meters only.
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     config = load_config(config_path)
 
     async def main() -> None:
-        server = GatewayServer(config, config_path=config_path)
+        server = GatewayServer(config, config_path=config_path, enforce=enforce)
         await server.start()
         print(f"tokenfuse gateway on {server.url} (metrics: {server.url}/metrics)", file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()

@@ -1,0 +1,184 @@
+"""Gateway overhead: the fake upstream direct vs through the gateway, at concurrency 1 and 32.
+
+Runs the fake upstream and the gateway as separate processes (as in production) and drives them with wrk
+(Debian package ``wrk``), then measures time-to-first-chunk of streams with a Python client. Prints a table.
+
+    python bench/gateway.py [--duration 10] [--enforce]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+KEY = "tf-bench-key"
+BODY = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+    "max_tokens": 16,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 15.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except Exception:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+    hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+    return rss, hwm
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(url: str, connections: int, duration: float, headers: dict[str, str]) -> dict[str, float]:
+    lua = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    lua.write('wrk.method = "POST"\n')
+    lua.write(f"wrk.body = {json.dumps(json.dumps(BODY))}\n")
+    for k, v in {"Content-Type": "application/json", **headers}.items():
+        lua.write(f'wrk.headers["{k}"] = "{v}"\n')
+    lua.close()
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-s", lua.name, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(lua.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if errors:
+        raise RuntimeError(f"wrk saw {errors.group(1)} error responses from {url}:\n{out}")
+    return {"rps": rps, "p50": p50, "p99": p99}
+
+
+async def ttfc(url: str, headers: dict[str, str], n: int) -> float:
+    """Median time to first body chunk of a streamed chat completion, in ms."""
+    body = {**BODY, "stream": True}
+    samples = []
+    async with aiohttp.ClientSession() as s:
+        for i in range(n + 5):
+            t0 = time.perf_counter()
+            async with s.post(url, json=body, headers=headers) as r:
+                await r.content.readany()
+                t1 = time.perf_counter()
+                await r.read()
+            if i >= 5:
+                samples.append((t1 - t0) * 1000)
+    return statistics.median(samples)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--enforce", action="store_true", help="run the policy engine (local ledger) in the gateway")
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install wrk", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="tokenfuse-bench-"))
+    up_port, gw_port = free_port(), free_port()
+    from tokenfuse.config import hash_key
+
+    cfg: dict[str, Any] = {
+        "upstreams": [
+            {"name": "fake", "base_url": f"http://127.0.0.1:{up_port}/v1", "provider": "openai", "models": ["gpt-*"]}
+        ],
+        "departments": {"bench": {"monthly_budget_usd": 1e9, "hourly_token_limit": 10**12, "keys": [hash_key(KEY)]}},
+        "gateway": {"listen": f"127.0.0.1:{gw_port}"},
+        "policy": {"state_path": str(tmp / "state.db")},
+    }
+    (tmp / "tokenfuse.yaml").write_text(yaml.safe_dump(cfg))
+    procs = []
+    try:
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tokenfuse.cli", "fake-upstream", "--port", str(up_port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        gw_cmd = [sys.executable, "-m", "tokenfuse.cli", "serve", "--config", str(tmp / "tokenfuse.yaml")]
+        if not args.enforce:
+            gw_cmd.append("--no-enforce")
+        procs.append(subprocess.Popen(gw_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_http(f"http://127.0.0.1:{up_port}/v1/models")
+        wait_http(f"http://127.0.0.1:{gw_port}/healthz")
+        direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+        via = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
+        auth = {"Authorization": f"Bearer {KEY}"}
+        rows = []
+        peak = 0.0
+        for c in (1, 32):
+            wrk(direct, c, 2, {})  # warm-up
+            wrk(via, c, 2, auth)
+            d = wrk(direct, c, args.duration, {})
+            g = wrk(via, c, args.duration, auth)
+            peak = max(peak, rss_mb(procs[1].pid)[1])
+            rows.append((c, d, g))
+        t_direct = asyncio.run(ttfc(direct, {}, 200))
+        t_via = asyncio.run(ttfc(via, auth, 200))
+        rss, hwm = rss_mb(procs[1].pid)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+    mode = "enforce (local ledger)" if args.enforce else "meter only"
+    print(f"\ngateway benchmark ({mode}), {args.duration:g} s per run, wrk -t1, {time.strftime('%Y-%m-%d')}")
+    print(f"{'conc':>4} | {'direct rps':>10} | {'gw rps':>8} | {'gw/direct':>9} | {'direct p50':>10} | {'gw p50':>8} | "
+          f"{'added p50':>9} | {'direct p99':>10} | {'gw p99':>8}")  # fmt: skip
+    for c, d, g in rows:
+        print(
+            f"{c:>4} | {d['rps']:>10.0f} | {g['rps']:>8.0f} | {g['rps'] / d['rps']:>8.0%} | {d['p50']:>8.2f}ms | "
+            f"{g['p50']:>6.2f}ms | {g['p50'] - d['p50']:>7.2f}ms | {d['p99']:>8.2f}ms | {g['p99']:>6.2f}ms"
+        )
+    print(f"time to first chunk (stream, c=1, median of 200): direct {t_direct:.2f} ms, gateway {t_via:.2f} ms, "
+          f"added {t_via - t_direct:.2f} ms")  # fmt: skip
+    print(f"gateway RSS after load: {rss:.0f} MB (peak {max(hwm, peak):.0f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
