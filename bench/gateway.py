@@ -71,12 +71,11 @@ def _ms(text: str) -> float:
 
 
 def wrk(url: str, connections: int, duration: float, headers: dict[str, str]) -> dict[str, float]:
-    lua = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
-    lua.write('wrk.method = "POST"\n')
-    lua.write(f"wrk.body = {json.dumps(json.dumps(BODY))}\n")
-    for k, v in {"Content-Type": "application/json", **headers}.items():
-        lua.write(f'wrk.headers["{k}"] = "{v}"\n')
-    lua.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+        lua.write('wrk.method = "POST"\n')
+        lua.write(f"wrk.body = {json.dumps(json.dumps(BODY))}\n")
+        for k, v in {"Content-Type": "application/json", **headers}.items():
+            lua.write(f'wrk.headers["{k}"] = "{v}"\n')
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-s", lua.name, url],
         capture_output=True,
