@@ -1,0 +1,129 @@
+"""Metering cost: time `MeteredTransport` adds per call (non-streamed) and per streamed chunk, and tiktoken throughput.
+
+Both sides use the same in-memory httpx transport with a recorded-shape OpenAI response, so the difference is
+tokenfuse's own work (request inspection, usage extraction, pricing, counters). Prints a table.
+
+    python bench/metering.py [--calls 20000] [--chunks 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+from prometheus_client import CollectorRegistry
+from tokenfuse.metering.estimate import count_tokens
+
+import tokenfuse
+from tokenfuse.config import parse_config
+from tokenfuse.exporter.meter import Meter
+
+REQUEST = {"model": "gpt-4o", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+RESPONSE = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": 14,
+            "completion_tokens": 30,
+            "total_tokens": 44,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        },
+    }
+).encode()
+CHUNK = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini-2024-07-18",'
+    b'"service_tier":"default","system_fingerprint":"fp_1","choices":[{"index":0,"delta":{"content":" word"},'
+    b'"logprobs":null,"finish_reason":null}],"usage":null}\n\n'
+)
+USAGE_CHUNK = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini-2024-07-18",'
+    b'"choices":[],"usage":{"prompt_tokens":78,"completion_tokens":9,"total_tokens":87}}\n\ndata: [DONE]\n\n'
+)
+
+
+class _Chunks(httpx.SyncByteStream):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self) -> Iterator[bytes]:
+        for _ in range(self.n):
+            yield CHUNK
+        yield USAGE_CHUNK
+
+
+def _best(fn: Callable[[], None], n: int, rounds: int = 7) -> float:
+    """Best-of-rounds mean seconds per call (robust to a busy machine)."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n)
+    return min(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=5000)
+    ap.add_argument("--chunks", type=int, default=2000)
+    args = ap.parse_args()
+    meter = Meter(parse_config({"departments": {"marketing": {}}}), CollectorRegistry())
+
+    def json_handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=RESPONSE, headers={"content-type": "application/json"})
+
+    def sse_handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=_Chunks(args.chunks), headers={"content-type": "text/event-stream"})
+
+    url = "https://api.openai.com/v1/chat/completions"
+    body = json.dumps(REQUEST).encode()
+    plain = httpx.Client(transport=httpx.MockTransport(json_handler))
+    metered = httpx.Client(transport=tokenfuse.MeteredTransport(httpx.MockTransport(json_handler), meter=meter,
+                                                                department="marketing"))  # fmt: skip
+    t_plain = _best(lambda: plain.post(url, content=body).content and None, args.calls)
+    t_metered = _best(lambda: metered.post(url, content=body).content and None, args.calls)
+
+    def stream(client: httpx.Client) -> None:
+        with client.stream("POST", url, content=body) as r:
+            for _ in r.iter_raw():
+                pass
+
+    splain = httpx.Client(transport=httpx.MockTransport(sse_handler))
+    smetered = httpx.Client(transport=tokenfuse.MeteredTransport(httpx.MockTransport(sse_handler), meter=meter,
+                                                                 department="marketing"))  # fmt: skip
+    s_plain = _best(lambda: stream(splain), 20)
+    s_metered = _best(lambda: stream(smetered), 20)
+    per_chunk = (s_metered - s_plain) / (args.chunks + 1)
+
+    one_line = "What is the capital of France? Answer in one word, please."
+    long_text = ("The quick brown fox jumps over the lazy dog. " * 2000)[:65536]
+    count_tokens(one_line, "gpt-4o")
+    t_short = _best(lambda: count_tokens(one_line, "gpt-4o") and None, 2000)
+    t_long = statistics.median(
+        [_best(lambda: count_tokens(long_text + str(i), "gpt-4o") and None, 5, rounds=1) for i in range(5)]
+    )
+    print(f"\nmetering benchmark, {time.strftime('%Y-%m-%d')}, best of 7 rounds")
+    print(f"{'what':<52} | {'value':>12} | target")
+    print(f"{'-' * 52}-+-{'-' * 12}-+-------")
+    print(f"{'plain transport, non-streamed call':<52} | {t_plain * 1e6:>9.1f} µs |")
+    print(f"{'MeteredTransport, non-streamed call':<52} | {t_metered * 1e6:>9.1f} µs |")
+    print(f"{'added per non-streamed call':<52} | {(t_metered - t_plain) * 1e6:>9.1f} µs | ≤ 50 µs")
+    print(
+        f"{'added per streamed chunk (' + str(args.chunks) + '-chunk stream)':<52} | {per_chunk * 1e6:>9.2f} µs | ≤ 5 µs"
+    )
+    print(f"{'tiktoken estimate, one-line prompt':<52} | {t_short * 1e6:>9.1f} µs |")
+    print(f"{'tiktoken estimate, 64 KiB text':<52} | {len(long_text) / t_long / 1e6:>7.2f} MB/s |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
