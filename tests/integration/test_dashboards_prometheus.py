@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-import yaml
+from _procs import Prometheus, require_binary, start_prometheus
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -51,21 +46,6 @@ CORE_PANELS = {
     DEPARTMENT_UID: ("Month-to-date spend vs budget", "Cost rate by project", "Tokens by model and token type"),
 }
 TICK_S = 0.2
-
-
-def _require_binary(name: str) -> str:
-    path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is not installed; CI must install it")
-        pytest.skip(f"{name} not installed")
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class FakeTraffic:
@@ -123,53 +103,18 @@ class FakeTraffic:
             await asyncio.sleep(TICK_S)
 
 
-@contextmanager
-def _prometheus(binary: str, workdir: Path, scrape_target: str) -> Iterator[tuple[str, Path]]:
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "tokenfuse", "static_configs": [{"targets": [scrape_target]}]}],
-    }
-    config_path = workdir / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    port = _free_port()
-    log = workdir / "prometheus.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config_path}",
-                f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        try:
-            yield f"http://127.0.0.1:{port}", log
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-
 @dataclass
 class Stack:
     """A Prometheus that has scraped a few rounds of fake traffic."""
 
-    url: str
+    prometheus: Prometheus
     http: aiohttp.ClientSession
     config: Config
     traffic: FakeTraffic
-    log: Path
 
     async def api(self, path: str, **params: str) -> dict[str, Any]:
         """GET a Prometheus HTTP API endpoint; returns the parsed body whatever the status."""
-        async with self.http.get(f"{self.url}{path}", params=params) as resp:
+        async with self.http.get(f"{self.prometheus.url}{path}", params=params) as resp:
             body: dict[str, Any] = await resp.json(content_type=None)
             return body
 
@@ -186,7 +131,7 @@ class Stack:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    binary = _require_binary("prometheus")
+    require_binary("prometheus")
     config = load_config(EXAMPLE_CONFIG)
     registry = CollectorRegistry()
     traffic = FakeTraffic(Metrics(registry), config)
@@ -205,12 +150,15 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     ticker = asyncio.create_task(traffic.run())
     workdir = tmp_path_factory.mktemp("prometheus")
     try:
-        with _prometheus(binary, workdir, f"{host}:{port}") as (url, log):
-            timeout = aiohttp.ClientTimeout(total=10)
-            async with aiohttp.ClientSession(timeout=timeout) as http:
-                s = Stack(url, http, config, traffic, log)
+        # start/stop block; in a thread, the event loop keeps serving the scrapes meanwhile.
+        prometheus = await asyncio.to_thread(start_prometheus, workdir, [f"{host}:{port}"], scrape_interval="1s")
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+                s = Stack(prometheus, http, config, traffic)
                 await _wait_for_samples(s)
                 yield s
+        finally:
+            await asyncio.to_thread(prometheus.stop)
     finally:
         ticker.cancel()
         await runner.cleanup()
@@ -228,7 +176,7 @@ async def _wait_for_samples(s: Stack) -> None:
         except aiohttp.ClientError:
             pass  # not listening yet
         await asyncio.sleep(0.25)
-    log = s.log.read_text(encoding="utf-8", errors="replace")[-2000:]
+    log = s.prometheus.log_tail()
     pytest.fail(f"Prometheus had not scraped {MIN_SAMPLES} rounds within {STARTUP_DEADLINE_S}s; log tail:\n{log}")
 
 
