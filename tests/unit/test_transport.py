@@ -10,6 +10,7 @@ from decimal import Decimal
 import anthropic
 import genai_prices
 import httpx
+import httpx2
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -110,6 +111,27 @@ def test_sync_stream_metered_when_it_ends(upstream: FakeUpstream, meter: Meter, 
     assert value(reg, "tokenfuse_cost_usd_total") == pytest.approx(float(expected), rel=1e-12)
 
 
+def test_httpx2_client_with_sync_anthropic(upstream: FakeUpstream, meter: Meter, reg: CollectorRegistry) -> None:
+    """The transport plugs into an httpx2 client (what anthropic 2.x and openai 3.x use) and meters streams too."""
+    client = anthropic.Anthropic(
+        base_url=upstream.url, api_key="x", max_retries=0,
+        http_client=httpx2.Client(transport=tokenfuse.MeteredTransport(meter=meter, department="marketing")),
+    )  # fmt: skip
+    m = client.messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=7,
+                                messages=[{"role": "user", "content": "hi"}]) as s:  # fmt: skip
+        final = s.get_final_message()
+    assert m.usage.output_tokens == 5 and final.usage.output_tokens == 7
+    assert value(reg, "tokenfuse_tokens_total", provider="anthropic", token_type="output") == 12
+    assert value(reg, "tokenfuse_tokens_total", provider="anthropic", token_type="input") == (
+        m.usage.input_tokens + final.usage.input_tokens
+    )
+    oai = openai.OpenAI(base_url=upstream.url + "/v1", api_key="x", max_retries=0,
+                        http_client=httpx2.Client(transport=tokenfuse.MeteredTransport(meter=meter)))  # fmt: skip
+    oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}], max_tokens=3)
+    assert value(reg, "tokenfuse_tokens_total", provider="openai", token_type="output") == 3
+
+
 def test_labels_context_overrides_department(upstream: FakeUpstream, meter: Meter, reg: CollectorRegistry) -> None:
     """tokenfuse.labels(...) bills the calls inside the block to another department."""
     client = _openai(upstream, meter)
@@ -139,11 +161,12 @@ async def test_async_openai_and_anthropic(upstream: FakeUpstream, meter: Meter, 
         s = await oai.responses.create(model="gpt-4.1", input="hello", max_output_tokens=6, stream=True)
         async for _ in s:
             pass
+        # anthropic 2.x only takes httpx2 clients; the same transport class serves both packages.
         ant = anthropic.AsyncAnthropic(
             base_url=up.url, api_key="x", max_retries=0,
-            http_client=httpx.AsyncClient(transport=tokenfuse.AsyncMeteredTransport(meter=meter, department="sales")),
+            http_client=httpx2.AsyncClient(transport=tokenfuse.AsyncMeteredTransport(meter=meter, department="sales")),
         )  # fmt: skip
-        up.set_usage({"input_tokens": 40, "cache_read_tokens": 100, "cache_write_tokens": 60, "output_tokens": 8})
+        up.set_usage({"input_tokens": 200, "cache_read_tokens": 100, "cache_write_tokens": 60, "output_tokens": 8})
         m = await ant.messages.create(model="claude-sonnet-4-5", max_tokens=8,
                                       messages=[{"role": "user", "content": "hi"}])  # fmt: skip
         assert m.usage.cache_read_input_tokens == 100
@@ -154,7 +177,7 @@ async def test_async_openai_and_anthropic(upstream: FakeUpstream, meter: Meter, 
         assert resp_usage is not None
     assert value(reg, "tokenfuse_tokens_total", provider="openai", token_type="output") == 6
     assert value(reg, "tokenfuse_tokens_total", provider="openai", token_type="input") == resp_usage["input_tokens"]
-    # Anthropic's input_tokens excludes cache reads/writes; billable input includes them: 40 + 100 + 60 per call.
+    # Anthropic's wire input_tokens (40) excludes cache reads/writes; billable input includes them: 200 per call.
     assert value(reg, "tokenfuse_tokens_total", provider="anthropic", token_type="input") == 400
     assert value(reg, "tokenfuse_tokens_total", provider="anthropic", token_type="output") == 16
     expected = 2 * genai_cost("anthropic", "claude-sonnet-4-5", {"input_tokens": 200, "output_tokens": 8,
@@ -221,6 +244,18 @@ def test_non_llm_requests_pass_through_unmetered(meter: Meter, reg: CollectorReg
     assert value(reg, "tokenfuse_requests_total") == 0
 
 
+class _Halves(httpx.SyncByteStream):
+    """A body delivered in two chunks, not pre-read, as a real transport delivers it."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __iter__(self) -> Iterator[bytes]:
+        half = len(self.body) // 2
+        yield self.body[:half]
+        yield self.body[half:]
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     body=st.one_of(
@@ -242,7 +277,7 @@ def test_garbage_responses_never_raise_into_the_app(body: bytes, ctype: str, pat
     reg = CollectorRegistry()
     meter = Meter(CONFIG, reg)
     t = tokenfuse.MeteredTransport(
-        httpx.MockTransport(lambda r: httpx.Response(200, content=body, headers={"content-type": ctype})),
+        httpx.MockTransport(lambda r: httpx.Response(200, stream=_Halves(body), headers={"content-type": ctype})),
         meter=meter, department="marketing",
     )  # fmt: skip
     with httpx.Client(transport=t) as c:

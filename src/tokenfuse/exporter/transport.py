@@ -2,6 +2,8 @@
 
 The transport wraps another transport and observes the response bytes as the app reads them: nothing is buffered
 or delayed, and a stream is metered when it ends or is closed early. Metering never raises into the app.
+The same classes serve ``httpx`` and ``httpx2`` clients (the official SDKs moved to ``httpx2``, whose API is
+httpx's): they derive from both packages' base classes and pick the default inner transport by the request's type.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import httpx
+import httpx2
 
 from tokenfuse.exporter.labels import CallLabels
 from tokenfuse.exporter.meter import Meter, default_meter
@@ -121,7 +124,7 @@ class _Observation:
         self._decoder: Any = None
         self._done = False
 
-    def on_response(self, response: httpx.Response) -> None:
+    def on_response(self, response: Any) -> None:
         self.status = response.status_code
         if self.status >= 400:
             return
@@ -135,9 +138,9 @@ class _Observation:
         else:
             self._body = []
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes, decoded: bool = False) -> None:
         try:
-            if self._decoder:
+            if self._decoder and not decoded:
                 chunk = self._decoder.decompress(chunk)
             if self._parser is not None:
                 self._parser.feed(chunk)
@@ -197,7 +200,7 @@ class _Observation:
         )
 
 
-class _SyncObservedStream(httpx.SyncByteStream):
+class _SyncObservedStream(httpx.SyncByteStream, httpx2.SyncByteStream):
     def __init__(self, inner: Any, obs: _Observation) -> None:
         self._inner = inner
         self._obs = obs
@@ -224,7 +227,7 @@ class _SyncObservedStream(httpx.SyncByteStream):
             self._obs.finish()
 
 
-class _AsyncObservedStream(httpx.AsyncByteStream):
+class _AsyncObservedStream(httpx.AsyncByteStream, httpx2.AsyncByteStream):
     def __init__(self, inner: Any, obs: _Observation) -> None:
         self._inner = inner
         self._obs = obs
@@ -273,7 +276,7 @@ class _Instrument:
     def meter(self) -> Meter:
         return self._meter if self._meter is not None else default_meter()
 
-    def observe(self, request: httpx.Request) -> _Observation | None:
+    def observe(self, request: Any) -> _Observation | None:
         try:
             if request.method != "POST":
                 return None
@@ -284,7 +287,7 @@ class _Instrument:
             body: Mapping[str, Any] | None = None
             try:
                 content = request.content
-            except httpx.RequestNotRead:
+            except (httpx.RequestNotRead, httpx2.RequestNotRead):
                 content = b""
             if content and len(content) <= _MAX_JSON_BODY:
                 try:
@@ -309,11 +312,14 @@ class _Instrument:
             return None
 
 
-class MeteredTransport(httpx.BaseTransport):
-    """An httpx transport that meters the LLM calls passing through it.
+class MeteredTransport(httpx.BaseTransport, httpx2.BaseTransport):
+    """An httpx (or httpx2) transport that meters the LLM calls passing through it.
+
+    Give it to ``httpx.Client(transport=...)`` or ``httpx2.Client(transport=...)``; the official ``openai`` and
+    ``anthropic`` SDKs take such a client as ``http_client``.
 
     Args:
-        transport: the transport to wrap (default: ``httpx.HTTPTransport()``).
+        transport: the transport to wrap (default: the HTTP transport of the client's package, made on first use).
         department: department the calls are billed to (override per call with `labels`).
         project: project label.
         environment: environment label.
@@ -323,7 +329,7 @@ class MeteredTransport(httpx.BaseTransport):
 
     def __init__(
         self,
-        transport: httpx.BaseTransport | None = None,
+        transport: Any = None,
         *,
         department: str | None = None,
         project: str | None = None,
@@ -331,34 +337,46 @@ class MeteredTransport(httpx.BaseTransport):
         provider: str | None = None,
         meter: Meter | None = None,
     ) -> None:
-        self._inner = transport if transport is not None else httpx.HTTPTransport()
+        self._inner: Any = transport
         self._instrument = _Instrument(
             meter=meter, department=department, project=project, environment=environment, provider=provider
         )
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
+    def _transport(self, request: Any) -> Any:
+        if self._inner is None:
+            self._inner = httpx2.HTTPTransport() if isinstance(request, httpx2.Request) else httpx.HTTPTransport()
+        return self._inner
+
+    def handle_request(self, request: Any) -> Any:
+        inner = self._transport(request)
         obs = self._instrument.observe(request)
         if obs is None:
-            return self._inner.handle_request(request)
+            return inner.handle_request(request)
         try:
-            response = self._inner.handle_request(request)
+            response = inner.handle_request(request)
         except BaseException as e:
             obs.finish(e)
             raise
         obs.on_response(response)
+        if response.is_stream_consumed:
+            # Already read (e.g. a mock transport's response): its content is decoded and complete.
+            obs.feed(response.content, decoded=True)
+            obs.finish()
+            return response
         response.stream = _SyncObservedStream(response.stream, obs)
         return response
 
     def close(self) -> None:
-        self._inner.close()
+        if self._inner is not None:
+            self._inner.close()
 
 
-class AsyncMeteredTransport(httpx.AsyncBaseTransport):
-    """The asyncio twin of `MeteredTransport` (same arguments; default inner: ``httpx.AsyncHTTPTransport()``)."""
+class AsyncMeteredTransport(httpx.AsyncBaseTransport, httpx2.AsyncBaseTransport):
+    """The asyncio twin of `MeteredTransport` (same arguments; for ``httpx.AsyncClient`` / ``httpx2.AsyncClient``)."""
 
     def __init__(
         self,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Any = None,
         *,
         department: str | None = None,
         project: str | None = None,
@@ -366,23 +384,36 @@ class AsyncMeteredTransport(httpx.AsyncBaseTransport):
         provider: str | None = None,
         meter: Meter | None = None,
     ) -> None:
-        self._inner = transport if transport is not None else httpx.AsyncHTTPTransport()
+        self._inner: Any = transport
         self._instrument = _Instrument(
             meter=meter, department=department, project=project, environment=environment, provider=provider
         )
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    def _transport(self, request: Any) -> Any:
+        if self._inner is None:
+            self._inner = (
+                httpx2.AsyncHTTPTransport() if isinstance(request, httpx2.Request) else httpx.AsyncHTTPTransport()
+            )
+        return self._inner
+
+    async def handle_async_request(self, request: Any) -> Any:
+        inner = self._transport(request)
         obs = self._instrument.observe(request)
         if obs is None:
-            return await self._inner.handle_async_request(request)
+            return await inner.handle_async_request(request)
         try:
-            response = await self._inner.handle_async_request(request)
+            response = await inner.handle_async_request(request)
         except BaseException as e:
             obs.finish(e)
             raise
         obs.on_response(response)
+        if response.is_stream_consumed:
+            obs.feed(response.content, decoded=True)
+            obs.finish()
+            return response
         response.stream = _AsyncObservedStream(response.stream, obs)
         return response
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        if self._inner is not None:
+            await self._inner.aclose()
