@@ -1,0 +1,844 @@
+"""The fake upstream: wire shapes the official SDKs accept, exact and steerable usage, faults, and its request record."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import httpx
+import openai
+import pytest
+from tests.conftest import SHARED
+
+from tokenfuse.testing import (
+    FAULTS,
+    USAGE_KEYS,
+    FakeUpstream,
+    FakeUpstreamThread,
+    fake_completion_tokens,
+    fake_prompt_tokens,
+)
+
+FIXTURES = SHARED / "fixtures" / "provider-payloads"
+CLAUDE = "claude-sonnet-4-6"
+MESSAGES: list[Any] = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hello there, fake!"},
+]
+CHAT: dict[str, Any] = {"model": "gpt-4o", "messages": MESSAGES}
+CHAT_PROMPT_TOKENS = 10  # (14 + 18) // 4 + 2 messages
+ZERO = dict.fromkeys(USAGE_KEYS, 0)
+
+
+def usage(**counts: int) -> dict[str, int]:
+    return {**ZERO, **counts}
+
+
+def sse_data(text: str) -> list[Any]:
+    """Payloads of the ``data:`` lines of an SSE body, JSON-decoded; ``[DONE]`` stays a string."""
+    out: list[Any] = []
+    for line in text.splitlines():
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, JSON data) of every complete event in an SSE body."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for block in text.split("\n\n"):
+        lines = block.splitlines()
+        names = [line[len("event: ") :] for line in lines if line.startswith("event: ")]
+        datas = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+        if names and datas:
+            out.append((names[0], json.loads(datas[0])))
+    return out
+
+
+def key_tree(obj: Any) -> Any:
+    """The nested key structure of a JSON value (dict keys only), to compare shapes without values."""
+    if isinstance(obj, dict):
+        return {k: key_tree(v) for k, v in obj.items()}
+    return None
+
+
+def fixture(name: str) -> dict[str, Any]:
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.fail(f"provider fixture {path} is missing; it ships with the project's shared test data")
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as up:
+        yield up
+
+
+@pytest.fixture
+async def http(upstream: FakeUpstream) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=upstream.url, timeout=10.0) as client:
+        yield client
+
+
+@pytest.fixture
+def threaded() -> Iterator[FakeUpstream]:
+    with FakeUpstreamThread() as up:
+        yield up
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the documented usage functions
+
+
+def test_fake_prompt_tokens_counts_chars_over_four_plus_one_per_unit() -> None:
+    """Prompt tokens are total text characters // 4 plus one per message/text unit, across every API shape."""
+    assert fake_prompt_tokens(CHAT) == CHAT_PROMPT_TOKENS
+    parts = [
+        {"type": "text", "text": "abcd"},
+        {"type": "image_url", "image_url": {"url": "x"}},
+        {"type": "text", "text": "efgh"},
+    ]
+    assert fake_prompt_tokens({"messages": [{"role": "user", "content": parts}]}) == 8 // 4 + 1
+    assert fake_prompt_tokens({"messages": [{"role": "assistant", "content": None, "tool_calls": []}]}) == 1
+    assert fake_prompt_tokens({"system": "sys!", "messages": [{"role": "user", "content": "12345678"}]}) == 12 // 4 + 2
+    assert fake_prompt_tokens({"instructions": "be nice", "input": "Hello"}) == 12 // 4 + 2
+    items = [
+        {"role": "user", "content": [{"type": "input_text", "text": "abcdefgh"}]},
+        {"type": "function_call_output", "call_id": "c", "output": "x"},
+    ]
+    assert fake_prompt_tokens({"input": items}) == 8 // 4 + 2
+    assert fake_prompt_tokens({"input": ["abcd", "efghijkl"]}) == 12 // 4 + 2
+    assert fake_prompt_tokens({"input": [101, 102, 103]}) == 3
+    assert fake_prompt_tokens({"prompt": "Say this is a test"}) == 18 // 4 + 1
+    assert fake_prompt_tokens({"prompt": "x" * 4000}) == 1001
+
+
+def test_fake_prompt_tokens_is_at_least_one() -> None:
+    """A body without any text still reports one input token, never zero."""
+    assert fake_prompt_tokens({}) == 1
+    assert fake_prompt_tokens({"messages": []}) == 1
+
+
+def test_fake_completion_tokens_is_the_limit_capped_by_the_default() -> None:
+    """Output tokens are min(first of max_tokens/max_completion_tokens/max_output_tokens, default)."""
+    assert fake_completion_tokens({}) == 16
+    assert fake_completion_tokens({}, default=4) == 4
+    assert fake_completion_tokens({"max_tokens": 5}) == 5
+    assert fake_completion_tokens({"max_tokens": 500}) == 16
+    assert fake_completion_tokens({"max_completion_tokens": 3}) == 3
+    assert fake_completion_tokens({"max_output_tokens": 7}) == 7
+    assert fake_completion_tokens({"max_tokens": 2, "max_completion_tokens": 9}) == 2
+    assert fake_completion_tokens({"max_tokens": 0}) == 0
+    assert fake_completion_tokens({"max_tokens": True}) == 16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# wire shapes, driven with plain HTTP clients
+
+
+async def test_chat_json_reports_exact_usage_and_echoes_model(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """A non-streamed chat answers max_tokens words, echoes the model, and records the usage it put on the wire."""
+    r = await http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4o-mini", "max_tokens": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "gpt-4o-mini"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert len(body["choices"][0]["message"]["content"].split()) == 5
+    assert body["usage"] == {
+        "prompt_tokens": CHAT_PROMPT_TOKENS,
+        "completion_tokens": 5,
+        "total_tokens": CHAT_PROMPT_TOKENS + 5,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+    rec = upstream.requests[-1]
+    assert (rec.method, rec.path, rec.api, rec.status, rec.stream) == (
+        "POST",
+        "/v1/chat/completions",
+        "openai.chat",
+        200,
+        False,
+    )
+    assert rec.body == {**CHAT, "model": "gpt-4o-mini", "max_tokens": 5}
+    assert rec.usage == usage(input_tokens=CHAT_PROMPT_TOKENS, output_tokens=5)
+
+
+async def test_chat_default_answer_finishes_with_stop(http: httpx.AsyncClient) -> None:
+    """Without a limit the natural answer of default_completion_tokens words ends with finish_reason stop."""
+    body = (await http.post("/v1/chat/completions", json=CHAT)).json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == 16 == len(body["choices"][0]["message"]["content"].split())
+
+
+async def test_chat_json_shape_matches_recorded_openai_payload(http: httpx.AsyncClient) -> None:
+    """The chat JSON carries the same keys (nested) as a recorded real OpenAI response."""
+    real = fixture("openai-chat-nonstream-usage.json")["response_body"]
+    body = (await http.post("/v1/chat/completions", json=CHAT)).json()
+    assert key_tree(body["usage"]) == key_tree(real["usage"])
+    assert set(body) == set(real)
+    assert set(body["choices"][0]) == set(real["choices"][0])
+    assert set(body["choices"][0]["message"]) == set(real["choices"][0]["message"])
+
+
+async def test_chat_stream_with_include_usage_matches_openai(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """With include_usage every chunk has usage null except a last choices-less usage chunk, then [DONE]."""
+    req = {**CHAT, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}
+    r = await http.post("/v1/chat/completions", json=req)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    data = sse_data(r.text)
+    assert data[-1] == "[DONE]"
+    chunks = data[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "gpt-4o" for c in chunks)
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last["choices"] == []
+    assert last["usage"]["prompt_tokens"] == CHAT_PROMPT_TOKENS and last["usage"]["completion_tokens"] == 6
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+    assert len(text.split()) == 6
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    real = [c for c in sse_data(fixture("openai-chat-stream-usage.json")["response_sse"]) if c != "[DONE]"]
+    assert key_tree(last["usage"]) == key_tree(real[-1]["usage"])
+    assert set(chunks[1]) <= set(real[1])
+    assert upstream.requests[-1].stream is True
+    assert upstream.requests[-1].usage == usage(input_tokens=CHAT_PROMPT_TOKENS, output_tokens=6)
+
+
+async def test_chat_stream_without_include_usage_reports_nothing(
+    upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    """Without stream_options.include_usage a chat stream has no usage key at all, and none is recorded."""
+    r = await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3, "stream": True})
+    data = sse_data(r.text)
+    assert data[-1] == "[DONE]"
+    assert all("usage" not in c and c["choices"] for c in data[:-1])
+    assert upstream.requests[-1].usage is None
+    assert upstream.reported_totals() == ZERO
+
+
+async def test_usage_header_steers_reported_numbers_exactly(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """x-fake-usage sets the reported numbers exactly; the visible answer has output minus reasoning words."""
+    steer = {"prompt_tokens": 100, "completion_tokens": 20, "cached_tokens": 10, "reasoning_tokens": 5}
+    r = await http.post(
+        "/v1/chat/completions", json={**CHAT, "max_tokens": 3}, headers={"x-fake-usage": json.dumps(steer)}
+    )
+    body = r.json()
+    u = body["usage"]
+    assert (u["prompt_tokens"], u["completion_tokens"], u["total_tokens"]) == (100, 20, 120)
+    assert u["prompt_tokens_details"]["cached_tokens"] == 10
+    assert u["completion_tokens_details"]["reasoning_tokens"] == 5
+    assert len(body["choices"][0]["message"]["content"].split()) == 15
+    assert body["choices"][0]["finish_reason"] == "stop"
+    expected = usage(input_tokens=100, output_tokens=20, cache_read_tokens=10, output_reasoning_tokens=5)
+    assert upstream.requests[-1].usage == expected
+
+
+async def test_set_usage_applies_until_cleared_and_header_overrides_it(
+    upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    """set_usage steers every request until set_usage(None); a request's header overrides the keys it names."""
+    upstream.set_usage({"input_tokens": 40, "output_tokens": 4})
+    await http.post("/v1/chat/completions", json=CHAT)
+    await http.post("/v1/chat/completions", json=CHAT, headers={"x-fake-usage": '{"output_tokens": 9}'})
+    upstream.set_usage(None)
+    await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2})
+    assert [r.usage for r in upstream.requests] == [
+        usage(input_tokens=40, output_tokens=4),
+        usage(input_tokens=40, output_tokens=9),
+        usage(input_tokens=CHAT_PROMPT_TOKENS, output_tokens=2),
+    ]
+
+
+async def test_bad_steering_is_rejected_with_a_message_naming_the_rule(
+    upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    """Inconsistent or unknown x-fake-usage keys get HTTP 400 naming the header; set_usage raises ValueError."""
+    for header in (
+        '{"input_tokens": 5, "cached_tokens": 9}',
+        '{"completion_tokens": 1, "reasoning_tokens": 2}',
+        '{"tokens": 3}',
+        "not json",
+        '{"input_tokens": -1}',
+        "[1]",
+    ):
+        r = await http.post("/v1/chat/completions", json=CHAT, headers={"x-fake-usage": header})
+        assert r.status_code == 400, header
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert "x-fake-usage" in r.json()["error"]["message"]
+    with pytest.raises(ValueError, match="cache reads and writes included"):
+        upstream.set_usage({"input_tokens": 40, "cache_read_tokens": 100})
+    with pytest.raises(ValueError, match="unknown key"):
+        upstream.set_usage({"bogus": 1})
+    assert upstream.reported_totals() == ZERO
+
+
+async def test_bad_requests_get_provider_shaped_400s_and_keep_the_fault_queue(
+    upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    """Non-JSON, model-less, or max_tokens-less Anthropic bodies get 400s that do not consume injected faults."""
+    upstream.inject("http_500")
+    r = await http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    r = await http.post("/v1/chat/completions", json={"messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = await http.post("/v1/messages", json={"model": CLAUDE, "messages": []})
+    assert r.status_code == 400
+    assert r.json() == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"},
+    }
+    r = await http.post("/v1/chat/completions", json=CHAT, headers={"x-fake-fault": "explode"})
+    assert r.status_code == 400 and "x-fake-fault" in r.json()["error"]["message"]
+    assert [rec.status for rec in upstream.requests] == [400, 400, 400, 400]
+    assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 500
+
+
+async def test_responses_json_and_stream_report_usage_like_openai(
+    upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    """Responses JSON carries usage with details; the stream ends with response.completed carrying the same usage."""
+    steer = json.dumps({"input_tokens": 30, "cached_tokens": 12, "output_tokens": 9, "reasoning_tokens": 4})
+    req = {"model": "gpt-4.1", "input": "Hello", "instructions": "be nice"}
+    body = (await http.post("/v1/responses", json=req, headers={"x-fake-usage": steer})).json()
+    real = fixture("openai-responses-nonstream-usage.json")["response_body"]
+    assert key_tree(body["usage"]) == key_tree(real["usage"])
+    assert set(real) <= set(body) | {"reasoning"}
+    assert body["usage"] == {
+        "input_tokens": 30,
+        "input_tokens_details": {"cached_tokens": 12},
+        "output_tokens": 9,
+        "output_tokens_details": {"reasoning_tokens": 4},
+        "total_tokens": 39,
+    }
+    assert len(body["output"][0]["content"][0]["text"].split()) == 5
+
+    r = await http.post("/v1/responses", json={**req, "stream": True, "max_output_tokens": 4})
+    events = sse_events(r.text)
+    names = [n for n, _ in events]
+    assert names[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert names.count("response.output_text.delta") == 4
+    assert names[-1] == "response.completed"
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    assert all(d["type"] == n for n, d in events)
+    assert events[0][1]["response"]["usage"] is None
+    completed = events[-1][1]["response"]
+    assert completed["usage"]["input_tokens"] == 5 == fake_prompt_tokens(req)
+    assert completed["usage"]["output_tokens"] == 4
+    real_events = sse_events(fixture("openai-responses-stream-usage.json")["response_sse"])
+    assert [n for n, _ in real_events if n != "response.output_text.delta"] == [
+        n for n, _ in events if n != "response.output_text.delta"
+    ]
+    assert key_tree(completed["usage"]) == key_tree(real_events[-1][1]["response"]["usage"])
+    assert [rec.usage for rec in upstream.requests] == [
+        usage(input_tokens=30, output_tokens=9, cache_read_tokens=12, output_reasoning_tokens=4),
+        usage(input_tokens=5, output_tokens=4),
+    ]
+
+
+async def test_anthropic_wire_input_excludes_cache_but_record_includes_it(
+    upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    """Anthropic's input_tokens on the wire is input minus cache reads and writes; the record keeps total input."""
+    steer = json.dumps({"input_tokens": 50, "cache_read_tokens": 20, "cache_write_tokens": 10, "output_tokens": 7})
+    req = {"model": CLAUDE, "max_tokens": 100, "system": "sys!", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01", "x-fake-usage": steer}
+    body = (await http.post("/v1/messages", json=req, headers=headers)).json()
+    assert body["type"] == "message" and body["model"] == CLAUDE and body["stop_reason"] == "end_turn"
+    assert body["usage"] == {
+        "input_tokens": 20,
+        "cache_creation_input_tokens": 10,
+        "cache_read_input_tokens": 20,
+        "output_tokens": 7,
+    }
+    real = fixture("anthropic-messages-cache-read.json")["response_body"]
+    assert set(body["usage"]) <= set(real["usage"])
+    assert set(body) == set(real)
+    rec = upstream.requests[-1]
+    assert rec.headers["x-api-key"] == "sk-ant-test" and rec.headers["anthropic-version"] == "2023-06-01"
+    assert rec.usage == usage(input_tokens=50, output_tokens=7, cache_read_tokens=20, cache_write_tokens=10)
+
+
+async def test_anthropic_stream_events_and_usage(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """An Anthropic stream has message_start (input usage, output 1), text deltas, message_delta (final output)."""
+    req = {"model": CLAUDE, "max_tokens": 3, "stream": True, "messages": [{"role": "user", "content": "12345678"}]}
+    events = sse_events((await http.post("/v1/messages", json=req)).text)
+    names = [n for n, _ in events]
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        *["content_block_delta"] * 3,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    start = events[0][1]["message"]["usage"]
+    assert start == {
+        "input_tokens": 3,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 1,
+    }
+    delta = events[-2][1]
+    assert delta["usage"]["output_tokens"] == 3 and delta["delta"]["stop_reason"] == "max_tokens"
+    real = sse_events(fixture("anthropic-messages-stream-thinking.json")["response_sse"])
+    assert set(start) <= set(real[0][1]["message"]["usage"])
+    assert set(delta["usage"]) == set(real[-2][1]["usage"])
+    assert upstream.requests[-1].usage == usage(input_tokens=3, output_tokens=3)
+
+
+async def test_embeddings_float_and_base64_vectors(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """Embeddings return one small deterministic vector per input (base64 float32 on request) and input usage."""
+    req = {"model": "text-embedding-3-small", "input": ["abcd", "efghijkl"]}
+    plain = (await http.post("/v1/embeddings", json=req)).json()
+    assert [d["index"] for d in plain["data"]] == [0, 1]
+    assert all(len(d["embedding"]) == 8 for d in plain["data"])
+    assert plain["data"][0]["embedding"] != plain["data"][1]["embedding"]
+    assert plain["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
+    b64 = (await http.post("/v1/embeddings", json={**req, "encoding_format": "base64", "dimensions": 4})).json()
+    raw = base64.b64decode(b64["data"][1]["embedding"])
+    assert struct.unpack("<4f", raw) == pytest.approx(plain["data"][1]["embedding"][:4], abs=1e-6)
+    again = (await http.post("/v1/embeddings", json=req)).json()
+    assert again["data"] == plain["data"]
+    assert [r.usage for r in upstream.requests] == [usage(input_tokens=5)] * 3
+
+
+async def test_legacy_completions_json_and_stream(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """Legacy completions answer text with prompt/completion usage, streamed with an include_usage last chunk."""
+    req = {"model": "gpt-3.5-turbo-instruct", "prompt": "Say this is a test", "max_tokens": 4}
+    body = (await http.post("/v1/completions", json=req)).json()
+    assert body["object"] == "text_completion" and len(body["choices"][0]["text"].split()) == 4
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    r = await http.post("/v1/completions", json={**req, "stream": True, "stream_options": {"include_usage": True}})
+    data = sse_data(r.text)
+    assert data[-1] == "[DONE]"
+    assert data[-2]["choices"] == [] and data[-2]["usage"]["completion_tokens"] == 4
+    assert "".join(c["choices"][0]["text"] for c in data[:-2]) == body["choices"][0]["text"]
+    assert upstream.reported_totals() == usage(input_tokens=10, output_tokens=8)
+
+
+async def test_routes_answer_with_and_without_v1_prefix(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """Every route works with and without /v1, and GET /models lists models."""
+    for path in ("/chat/completions", "/v1/chat/completions"):
+        assert (await http.post(path, json=CHAT)).status_code == 200
+    assert (await http.post("/messages", json={"model": CLAUDE, "max_tokens": 1, "messages": []})).status_code == 200
+    for path in ("/models", "/v1/models"):
+        listed = (await http.get(path)).json()
+        assert listed["object"] == "list" and {"gpt-4o", CLAUDE} <= {m["id"] for m in listed["data"]}
+    assert [r.path for r in upstream.requests] == [
+        "/chat/completions",
+        "/v1/chat/completions",
+        "/messages",
+        "/models",
+        "/v1/models",
+    ]
+    assert upstream.requests[-1].usage is None
+
+
+async def test_aiohttp_client_and_chunk_delay_give_the_same_stream(upstream: FakeUpstream) -> None:
+    """With chunk_delay the stream arrives piece by piece but carries the same events as without it."""
+    req = {**CHAT, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(upstream.url + "/v1/chat/completions", json=req) as r:
+            fast = sse_data(await r.text())
+        upstream.chunk_delay = 0.01
+        async with s.post(upstream.url + "/v1/chat/completions", json=req) as r:
+            reads = [chunk async for chunk in r.content.iter_any()]
+    slow = sse_data(b"".join(reads).decode())
+    assert len(reads) > 1
+    assert [c if c == "[DONE]" else (c["choices"], c["usage"]) for c in slow] == [
+        c if c == "[DONE]" else (c["choices"], c["usage"]) for c in fast
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# faults
+
+
+async def test_http_errors_by_header_and_by_queue(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """http_500/http_429 come from the header or the queue (in order); the header does not consume the queue."""
+    upstream.retry_after = 2
+    upstream.inject("http_429", count=2)
+    upstream.inject("http_500")
+    r = await http.post("/v1/chat/completions", json=CHAT, headers={"x-fake-fault": "http_500"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    statuses = [(await http.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(4)]
+    assert statuses == [429, 429, 500, 200]
+    r = await http.post(
+        "/v1/messages", json={"model": CLAUDE, "max_tokens": 5, "messages": []}, headers={"x-fake-fault": "http_429"}
+    )
+    assert r.status_code == 429 and r.headers["retry-after"] == "2"
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    assert [(rec.fault, rec.status, rec.usage) for rec in upstream.requests[:4]] == [
+        ("http_500", 500, None),
+        ("http_429", 429, None),
+        ("http_429", 429, None),
+        ("http_500", 500, None),
+    ]
+    assert upstream.requests[4].fault is None and upstream.requests[4].usage is not None
+    assert upstream.reported_totals()["output_tokens"] == 16
+
+
+def test_inject_rejects_unknown_faults() -> None:
+    """inject() names the known faults when given an unknown one."""
+    with pytest.raises(ValueError, match="http_500"):
+        FakeUpstream().inject("http_418")
+    assert {"http_500", "http_429", "timeout", "cut", "no_usage", "slow_first_chunk"} == FAULTS
+
+
+async def test_cut_stream_stops_mid_way_without_usage_or_done(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """A cut chat stream drops the connection after some content: the client errors, no usage, no [DONE]."""
+    req = {**CHAT, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
+    received = b""
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with http.stream("POST", "/v1/chat/completions", json=req, headers={"x-fake-fault": "cut"}) as r:
+            async for chunk in r.aiter_bytes():
+                received += chunk
+    data = sse_data(received.decode())
+    assert 1 < len(data) < 10
+    assert "[DONE]" not in data and all(c["usage"] is None for c in data)
+    assert upstream.requests[-1].usage is None and upstream.requests[-1].fault == "cut"
+
+
+async def test_cut_json_body_is_truncated(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """A cut non-stream answer promises a full Content-Length and closes half-way."""
+    upstream.inject("cut")
+    with pytest.raises(httpx.RemoteProtocolError, match="expected"):
+        await http.post("/v1/responses", json={"model": "gpt-4.1", "input": "x"})
+    assert upstream.requests[-1].usage is None
+    assert upstream.reported_totals() == ZERO
+
+
+async def test_cut_anthropic_stream_records_only_message_start_usage(
+    upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    """A cut Anthropic stream has sent message_start (input usage, output 1) but no message_delta."""
+    req = {"model": CLAUDE, "max_tokens": 6, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    received = b""
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with http.stream("POST", "/v1/messages", json=req, headers={"x-fake-fault": "cut"}) as r:
+            async for chunk in r.aiter_bytes():
+                received += chunk
+    names = [n for n, _ in sse_events(received.decode())]
+    assert names[0] == "message_start" and "content_block_delta" in names and "message_delta" not in names
+    assert upstream.requests[-1].usage == usage(input_tokens=1, output_tokens=1)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}}),
+        ("/v1/responses", {"model": "gpt-4.1", "input": "hi"}),
+        (
+            "/v1/completions",
+            {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "stream_options": {"include_usage": True}},
+        ),
+        ("/v1/messages", {"model": CLAUDE, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
+async def test_no_usage_fault_answers_without_usage_anywhere(
+    upstream: FakeUpstream, http: httpx.AsyncClient, path: str, body: dict[str, Any]
+) -> None:
+    """no_usage gives a valid answer, streamed or not, that carries no usage value at all."""
+    headers = {"x-fake-fault": "no_usage"}
+    plain = (await http.post(path, json=body, headers=headers)).json()
+    assert plain.get("usage") is None
+    streamed = await http.post(path, json={**body, "stream": True}, headers=headers)
+    text = streamed.text
+    assert streamed.status_code == 200 and text.strip()
+    assert '"usage":{' not in text and "prompt_tokens" not in text and "input_tokens" not in text
+    assert [r.usage for r in upstream.requests] == [None, None]
+    assert upstream.reported_totals() == ZERO
+
+
+async def test_no_usage_fault_on_embeddings(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """no_usage embeddings still return vectors, without a usage object."""
+    upstream.inject("no_usage")
+    body = (await http.post("/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x"})).json()
+    assert "usage" not in body and len(body["data"]) == 1
+
+
+async def test_timeout_holds_the_request_until_the_client_gives_up(
+    upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    """The timeout fault outlasts the client's timeout; the request is recorded but gets no status or usage."""
+    upstream.inject("timeout")
+    with pytest.raises(httpx.ReadTimeout):
+        await http.post("/v1/chat/completions", json=CHAT, timeout=0.2)
+    assert (upstream.requests[-1].fault, upstream.requests[-1].status) == ("timeout", None)
+    assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+async def test_stop_releases_requests_held_by_timeout() -> None:
+    """stop() wakes a request held by the timeout fault and drops its connection instead of waiting an hour."""
+    up = FakeUpstream()
+    await up.start()
+    async with httpx.AsyncClient(base_url=up.url, timeout=30.0) as client:
+        held = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT, headers={"x-fake-fault": "timeout"}))
+        for _ in range(1000):  # until the request is in (bounded: the test must not hang)
+            if up.requests:
+                break
+            await asyncio.sleep(0.01)
+        assert up.requests and up.requests[0].fault == "timeout"
+        await asyncio.wait_for(up.stop(), timeout=10)
+        with pytest.raises(httpx.TransportError):
+            await asyncio.wait_for(held, timeout=10)
+    assert up.requests[0].usage is None
+
+
+async def test_slow_first_chunk_sends_headers_then_waits(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """slow_first_chunk sends stream headers at once and the first body byte only after the configured pause."""
+    upstream.slow_first_chunk_seconds = 0.3
+    req = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    async with http.stream("POST", "/v1/chat/completions", json=req, headers={"x-fake-fault": "slow_first_chunk"}) as r:
+        headers_at = time.monotonic()
+        assert r.status_code == 200
+        body = b"".join([chunk async for chunk in r.aiter_bytes()])
+        waited = time.monotonic() - headers_at
+    assert waited >= 0.25
+    assert sse_data(body.decode())[-1] == "[DONE]"
+    assert upstream.requests[-1].usage == usage(input_tokens=CHAT_PROMPT_TOKENS, output_tokens=16)
+
+
+async def test_latency_delays_the_answer(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """Server latency and the x-fake-latency header delay the answer by at least that long; bad values are 400."""
+    upstream.latency = 0.2
+    t0 = time.monotonic()
+    assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    t1 = time.monotonic()
+    assert (await http.post("/v1/chat/completions", json=CHAT, headers={"x-fake-latency": "0.3"})).status_code == 200
+    t2 = time.monotonic()
+    assert t1 - t0 >= 0.19 and t2 - t1 >= 0.29
+    r = await http.post("/v1/chat/completions", json=CHAT, headers={"x-fake-latency": "soon"})
+    assert r.status_code == 400
+
+
+async def test_reported_totals_and_reset(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """reported_totals sums every reported usage by key; reset forgets requests, totals, faults and overrides."""
+    await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2})
+    await http.post(
+        "/v1/messages",
+        json={"model": CLAUDE, "max_tokens": 3, "messages": []},
+        headers={"x-fake-usage": '{"input_tokens": 30, "cache_creation_input_tokens": 25}'},
+    )
+    assert upstream.reported_totals() == usage(
+        input_tokens=CHAT_PROMPT_TOKENS + 30, output_tokens=5, cache_write_tokens=25
+    )
+    upstream.inject("http_500")
+    upstream.set_usage({"input_tokens": 1})
+    upstream.reset()
+    assert upstream.requests == [] and upstream.reported_totals() == ZERO
+    body = (await http.post("/v1/chat/completions", json=CHAT)).json()
+    assert body["usage"]["prompt_tokens"] == CHAT_PROMPT_TOKENS
+
+
+async def test_record_off_keeps_totals_only() -> None:
+    """With record=False nothing is kept per request, but reported_totals still adds up."""
+    async with FakeUpstream(record=False, default_completion_tokens=3) as up, httpx.AsyncClient() as client:
+        await client.post(up.url + "/v1/chat/completions", json=CHAT)
+        await client.post(up.url + "/v1/chat/completions", json=CHAT)
+    assert up.requests == []
+    assert up.reported_totals() == usage(input_tokens=2 * CHAT_PROMPT_TOKENS, output_tokens=6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the official SDKs as clients
+
+
+def test_openai_sdk_chat_stream_and_not(threaded: FakeUpstream) -> None:
+    """The openai SDK parses chat answers and the include_usage chunk; its numbers equal the recorded usage."""
+    client = openai.OpenAI(base_url=threaded.url + "/v1", api_key="x", max_retries=0)
+    r = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_completion_tokens=4)
+    assert r.usage is not None and (r.usage.prompt_tokens, r.usage.completion_tokens) == (CHAT_PROMPT_TOKENS, 4)
+    assert r.choices[0].finish_reason == "length" and r.model == "gpt-4o"
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-fake-usage": json.dumps({"prompt_tokens": 77, "cached_tokens": 7, "completion_tokens": 3})},
+    )
+    chunks = list(stream)
+    final = chunks[-1].usage
+    assert final is not None and final.prompt_tokens_details is not None
+    assert (final.prompt_tokens, final.completion_tokens, final.prompt_tokens_details.cached_tokens) == (77, 3, 7)
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).split() != []
+    assert [rec.usage for rec in threaded.requests] == [
+        usage(input_tokens=CHAT_PROMPT_TOKENS, output_tokens=4),
+        usage(input_tokens=77, output_tokens=3, cache_read_tokens=7),
+    ]
+
+
+def test_openai_sdk_responses_stream_completed_usage(threaded: FakeUpstream) -> None:
+    """The openai SDK's Responses client reads usage from JSON and from the stream's response.completed."""
+    client = openai.OpenAI(base_url=threaded.url + "/v1", api_key="x", max_retries=0)
+    r = client.responses.create(model="gpt-4.1", input="Hello", instructions="be nice", max_output_tokens=5)
+    assert r.usage is not None and (r.usage.input_tokens, r.usage.output_tokens) == (5, 5)
+    assert len(r.output_text.split()) == 5
+    steer = {"input_tokens": 300, "cached_tokens": 100, "output_tokens": 12, "reasoning_tokens": 8}
+    with client.responses.stream(model="gpt-5", input="Hello", extra_headers={"x-fake-usage": json.dumps(steer)}) as s:
+        deltas = [e.delta for e in s if e.type == "response.output_text.delta"]
+        final = s.get_final_response()
+    assert final.usage is not None
+    assert (final.usage.input_tokens, final.usage.input_tokens_details.cached_tokens) == (300, 100)
+    assert (final.usage.output_tokens, final.usage.output_tokens_details.reasoning_tokens) == (12, 8)
+    assert "".join(deltas) == final.output_text and len(deltas) == 4
+    assert threaded.requests[-1].usage == usage(
+        input_tokens=300, output_tokens=12, cache_read_tokens=100, output_reasoning_tokens=8
+    )
+
+
+def test_openai_sdk_embeddings_completions_and_models(threaded: FakeUpstream) -> None:
+    """The openai SDK parses embeddings (float and base64), legacy completions and the model list."""
+    client = openai.OpenAI(base_url=threaded.url + "/v1", api_key="x", max_retries=0)
+    e = client.embeddings.create(model="text-embedding-3-small", input=["abcd", "efghijkl"])
+    assert e.usage.prompt_tokens == 5 and len(e.data) == 2 and len(e.data[0].embedding) == 8
+    e64 = client.embeddings.create(model="text-embedding-3-small", input="abcd", encoding_format="base64")
+    vector = struct.unpack("<8f", base64.b64decode(str(e64.data[0].embedding)))
+    assert vector == pytest.approx(e.data[0].embedding, abs=1e-6)
+    c = client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say this is a test", max_tokens=3)
+    assert c.usage is not None and (c.usage.prompt_tokens, c.usage.completion_tokens) == (5, 3)
+    assert "gpt-4o" in {m.id for m in client.models.list()}
+
+
+def test_anthropic_sdk_messages_and_stream_final_usage(threaded: FakeUpstream) -> None:
+    """The anthropic SDK parses messages and accumulates get_final_message().usage from the stream."""
+    client = anthropic.Anthropic(base_url=threaded.url, api_key="sk-ant-x", max_retries=0)
+    steer = {"input_tokens": 1200, "cache_read_tokens": 1000, "cache_write_tokens": 150, "output_tokens": 9}
+    m = client.messages.create(
+        model=CLAUDE,
+        max_tokens=64,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-fake-usage": json.dumps(steer)},
+    )
+    assert (m.usage.input_tokens, m.usage.cache_read_input_tokens, m.usage.cache_creation_input_tokens) == (
+        50,
+        1000,
+        150,
+    )
+    assert m.usage.output_tokens == 9 and m.model == CLAUDE
+    with client.messages.stream(model=CLAUDE, max_tokens=5, messages=[{"role": "user", "content": "12345678"}]) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 5)
+    assert final.stop_reason == "max_tokens" and len(text.split()) == 5
+    sent = threaded.requests[0].headers
+    assert "sk-ant-x" in sent.get("x-api-key", sent.get("authorization", ""))
+    assert "anthropic-version" in threaded.requests[0].headers
+    assert [rec.usage for rec in threaded.requests] == [
+        usage(input_tokens=1200, output_tokens=9, cache_read_tokens=1000, cache_write_tokens=150),
+        usage(input_tokens=3, output_tokens=5),
+    ]
+
+
+def test_sdks_raise_their_own_errors_for_injected_faults(threaded: FakeUpstream) -> None:
+    """Injected 429/500 become the SDKs' RateLimitError/InternalServerError; retries consume the fault queue."""
+    oai = openai.OpenAI(base_url=threaded.url + "/v1", api_key="x", max_retries=0)
+    ant = anthropic.Anthropic(base_url=threaded.url, api_key="x", max_retries=0)
+    threaded.inject("http_429")
+    with pytest.raises(openai.RateLimitError):
+        oai.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    threaded.inject("http_500")
+    with pytest.raises(anthropic.InternalServerError):
+        ant.messages.create(model=CLAUDE, max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    threaded.retry_after = 0.01
+    threaded.inject("http_429")
+    retrying = openai.OpenAI(base_url=threaded.url + "/v1", api_key="x", max_retries=1)
+    r = retrying.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=2)
+    assert r.usage is not None and r.usage.completion_tokens == 2
+    assert [rec.status for rec in threaded.requests] == [429, 500, 429, 200]
+
+
+async def test_async_sdks_against_the_in_loop_server(upstream: FakeUpstream) -> None:
+    """AsyncOpenAI and AsyncAnthropic work against a FakeUpstream on the test's own event loop."""
+    oai = openai.AsyncOpenAI(base_url=upstream.url + "/v1", api_key="x", max_retries=0)
+    stream = await oai.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, max_tokens=3, stream=True, stream_options={"include_usage": True}
+    )
+    last = [c async for c in stream][-1]
+    assert last.usage is not None and last.usage.completion_tokens == 3
+    ant = anthropic.AsyncAnthropic(base_url=upstream.url, api_key="x", max_retries=0)
+    async with ant.messages.stream(model=CLAUDE, max_tokens=2, messages=[{"role": "user", "content": "hi"}]) as s:
+        final = await s.get_final_message()
+    assert final.usage.output_tokens == 2
+    assert upstream.reported_totals() == usage(input_tokens=CHAT_PROMPT_TOKENS + 1, output_tokens=5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# running it
+
+
+def test_thread_stop_closes_the_port() -> None:
+    """FakeUpstreamThread serves sync clients while entered and frees its port on exit."""
+    with FakeUpstreamThread(default_completion_tokens=2) as up:
+        url = up.url
+        r = httpx.post(url + "/v1/chat/completions", json=CHAT)
+        assert r.json()["usage"]["completion_tokens"] == 2
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=5)
+
+
+def test_url_before_start_is_an_error() -> None:
+    """Reading url before start() says what to do instead of returning a wrong port."""
+    with pytest.raises(RuntimeError, match="start"):
+        _ = FakeUpstream().url
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_serve_runs_until_ctrl_c_and_stops_cleanly(tmp_path: Path) -> None:
+    """serve() answers requests and returns cleanly (exit 0, no traceback) on SIGINT."""
+    port = _free_port()
+    code = f"from tokenfuse.testing.fake_upstream import serve; serve(port={port}, latency=0.0)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert f"http://127.0.0.1:{port}" in line, line
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=10)
+        assert r.json()["usage"]["prompt_tokens"] == CHAT_PROMPT_TOKENS
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err
