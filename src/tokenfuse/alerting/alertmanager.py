@@ -49,7 +49,7 @@ _SLACK_TEXT = """{{ range .Alerts -}}
 {{ .Annotations.description }}
 {{ with .Labels.department }}department: `{{ . }}`  {{ end }}{{ with .Labels.threshold }}threshold: {{ . }}%  {{ end }}severity: {{ .Labels.severity }}
 <{{ .Annotations.dashboard_url }}|Dashboard>  <{{ .Annotations.runbook_url }}|Runbook>
-{{ end }}"""  # noqa: E501
+{{ end }}"""
 _SLACK_COLOR = (
     '{{ if eq .Status "resolved" }}good{{ else if eq .CommonLabels.severity "critical" }}danger'
     "{{ else }}warning{{ end }}"
@@ -124,7 +124,9 @@ def _receivers(config: Config) -> tuple[list[dict[str, Any]], str, dict[str, str
     own: dict[str, str] = {}
     escalation = _escalation(config)
     if slack is not None:
-        receivers.append({"name": DEFAULT_RECEIVER, "slack_configs": [_slack(config, slack.api_url_file, slack.channel)]})
+        receivers.append(
+            {"name": DEFAULT_RECEIVER, "slack_configs": [_slack(config, slack.api_url_file, slack.channel)]}
+        )
         root = DEFAULT_RECEIVER
         for name, dept in config.departments.items():
             if dept.slack_channel is not None and dept.slack_channel != slack.channel:
@@ -151,13 +153,18 @@ def _receivers(config: Config) -> tuple[list[dict[str, Any]], str, dict[str, str
 def _routes(config: Config, root: str, own: dict[str, str]) -> list[dict[str, Any]]:
     info = {"matchers": [_matcher("severity", "info")], "repeat_interval": format_duration(INFO_REPEAT_INTERVAL)}
     routes: list[dict[str, Any]] = []
-    if root != ESCALATION_RECEIVER and any((config.alerting.discord, config.alerting.webhook)):
+    escalate = root != ESCALATION_RECEIVER and any((config.alerting.discord, config.alerting.webhook))
+    if escalate:
         routes.append(
             {"receiver": ESCALATION_RECEIVER, "matchers": [_matcher("severity", "critical")], "continue": True}
         )
     for name, receiver in own.items():
         routes.append({"receiver": receiver, "matchers": [_matcher("department", name)], "routes": [dict(info)]})
     routes.append(dict(info))
+    if escalate:
+        # Once the escalation route has matched, the root receiver no longer applies by default: without this
+        # catch-all a critical alert of a department without its own channel would reach Discord only.
+        routes.append({"receiver": root})
     return routes
 
 

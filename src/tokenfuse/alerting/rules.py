@@ -149,9 +149,7 @@ def _recording_rules(config: Config) -> list[dict[str, Any]]:
     ]
     for window in (FORECAST_SHORT_WINDOW, FORECAST_LONG_WINDOW):
         # Counters are per replica, so the department's rate is their sum.
-        rules.append(
-            {"record": r.cost_rate(window), "expr": f"sum by (department) (rate({COST_USD_TOTAL}[{window}]))"}
-        )
+        rules.append({"record": r.cost_rate(window), "expr": f"sum by (department) (rate({COST_USD_TOTAL}[{window}]))"})
     rules += [
         {
             "record": r.tokens_increase(token_window),
