@@ -15,16 +15,19 @@ from tokenfuse.exporter import (
     start_metrics_server,
 )
 from tokenfuse.metering.types import Usage
+from tokenfuse.policies import BudgetExceeded, PolicyEngine
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncMeteredTransport",
+    "BudgetExceeded",
     "CallRecord",
     "Config",
     "ConfigError",
     "Meter",
     "MeteredTransport",
+    "PolicyEngine",
     "Usage",
     "__version__",
     "labels",

@@ -15,21 +15,37 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import httpx2
 
 from tokenfuse.exporter.labels import CallLabels
-from tokenfuse.exporter.meter import Meter, default_meter
-from tokenfuse.metering.estimate import estimate_usage
+from tokenfuse.exporter.meter import CallRecord, Meter, default_meter
+from tokenfuse.metering.estimate import estimate_prompt_tokens, estimate_usage, max_output_tokens
 from tokenfuse.metering.extract import detect_api, extract_usage, infer_provider, request_model
 from tokenfuse.metering.stream import StreamUsageParser
 from tokenfuse.metering.types import API_OPERATIONS, Api, Usage
 
-__all__ = ["AsyncMeteredTransport", "MeteredTransport", "current_labels", "labels"]
+__all__ = ["AsyncMeteredTransport", "Enforcer", "MeteredTransport", "current_labels", "labels"]
 
 log = logging.getLogger("tokenfuse.exporter")
+
+
+class Enforcer(Protocol):
+    """What the transports need of a policy engine (`tokenfuse.policies.PolicyEngine` is one).
+
+    Defined here so the exporter does not import the policy layer above it.
+    """
+
+    def admit(
+        self, department: str, *, input_tokens: int, max_output_tokens: int, provider: str, model: str
+    ) -> Any: ...
+
+    def settle(self, reservation: Any, record: CallRecord | None) -> None: ...
+
+    def refusal(self, admission: Any) -> Exception: ...
+
 
 _labels: ContextVar[Mapping[str, str] | None] = ContextVar("tokenfuse_labels", default=None)
 _MAX_JSON_BODY = 16 * 1024 * 1024
@@ -91,10 +107,12 @@ class _Observation:
         "_decoder",
         "_done",
         "_parser",
+        "admission",
         "api",
         "error_type",
         "labels",
         "meter",
+        "policy",
         "request_json",
         "request_model",
         "start",
@@ -123,6 +141,8 @@ class _Observation:
         self._body_size = 0
         self._decoder: Any = None
         self._done = False
+        self.policy: Enforcer | None = None
+        self.admission: Any = None
 
     def on_response(self, response: Any) -> None:
         self.status = response.status_code
@@ -159,12 +179,18 @@ class _Observation:
         if self._done:
             return
         self._done = True
+        rec = None
         try:
-            self._record(error)
+            rec = self._record(error)
         except Exception:
             log.exception("metering failed; the call itself was not affected")
+        if self.policy is not None and self.admission is not None:
+            try:
+                self.policy.settle(self.admission.reservation, rec)
+            except Exception:
+                log.exception("settling the reservation failed")
 
-    def _record(self, error: BaseException | None) -> None:
+    def _record(self, error: BaseException | None) -> CallRecord:
         usage: Usage | None = None
         if error is not None and self.status == 0:
             outcome = "upstream_error"
@@ -189,7 +215,7 @@ class _Observation:
                 usage = estimate_usage(self.api, self.request_json, "", self.request_model)
             if error is not None:
                 self.error_type = type(error).__name__
-        self.meter.record(
+        return self.meter.record(
             self.labels,
             usage=usage,
             outcome=outcome,
@@ -265,8 +291,10 @@ class _Instrument:
         project: str | None,
         environment: str | None,
         provider: str | None,
+        policy: Enforcer | None = None,
     ) -> None:
         self._meter = meter
+        self.policy = policy
         self.department = department
         self.project = project
         self.environment = environment
@@ -306,10 +334,37 @@ class _Instrument:
                 provider=self.provider or infer_provider(request.url.host, api),
                 model=model,
             )
-            return _Observation(meter, api, call_labels, model, body, time.perf_counter())
+            obs = _Observation(meter, api, call_labels, model, body, time.perf_counter())
         except Exception:
             log.exception("metering could not inspect a request; it is forwarded unmetered")
             return None
+        if self.policy is not None:
+            self._enforce(obs, self.policy)
+        return obs
+
+    def _enforce(self, obs: _Observation, policy: Enforcer) -> None:
+        """Reserve the call's worst case, or count it as blocked and raise the policy's refusal."""
+        try:
+            body = obs.request_json or {}
+            prompt = estimate_prompt_tokens(obs.api, body, obs.request_model)
+            out = 0 if obs.api == "openai.embeddings" else max_output_tokens(obs.api, body, 4096)
+            admission = policy.admit(
+                obs.labels.department,
+                input_tokens=prompt,
+                max_output_tokens=out,
+                provider=obs.labels.provider,
+                model=obs.labels.model,
+            )
+        except Exception:
+            log.exception("policy check failed; the call goes out unenforced")
+            return
+        if admission.admitted:
+            obs.policy = policy
+            obs.admission = admission
+            return
+        obs.meter.record(obs.labels, usage=None, outcome="blocked")
+        obs.meter.metrics.blocked.labels(obs.labels.department, admission.reason or "fuse_open").inc()
+        raise policy.refusal(admission)
 
 
 class MeteredTransport(httpx.BaseTransport, httpx2.BaseTransport):
@@ -325,6 +380,8 @@ class MeteredTransport(httpx.BaseTransport, httpx2.BaseTransport):
         environment: environment label.
         provider: genai-prices provider id; default: inferred from the host and API shape.
         meter: where to record (default: the process-wide meter on the global registry).
+        policy: a `tokenfuse.policies.PolicyEngine` on the same meter: calls its department may not make raise
+            `tokenfuse.BudgetExceeded` before anything is sent.
     """
 
     def __init__(
@@ -336,10 +393,16 @@ class MeteredTransport(httpx.BaseTransport, httpx2.BaseTransport):
         environment: str | None = None,
         provider: str | None = None,
         meter: Meter | None = None,
+        policy: Enforcer | None = None,
     ) -> None:
         self._inner: Any = transport
         self._instrument = _Instrument(
-            meter=meter, department=department, project=project, environment=environment, provider=provider
+            meter=meter,
+            department=department,
+            project=project,
+            environment=environment,
+            provider=provider,
+            policy=policy,
         )
 
     def _transport(self, request: Any) -> Any:
@@ -383,10 +446,16 @@ class AsyncMeteredTransport(httpx.AsyncBaseTransport, httpx2.AsyncBaseTransport)
         environment: str | None = None,
         provider: str | None = None,
         meter: Meter | None = None,
+        policy: Enforcer | None = None,
     ) -> None:
         self._inner: Any = transport
         self._instrument = _Instrument(
-            meter=meter, department=department, project=project, environment=environment, provider=provider
+            meter=meter,
+            department=department,
+            project=project,
+            environment=environment,
+            provider=provider,
+            policy=policy,
         )
 
     def _transport(self, request: Any) -> Any:

@@ -589,6 +589,10 @@ class PolicyEngine:
         if r.probe_epoch is not None:
             d.fuse.probe_done(r.probe_epoch)
 
+    def refusal(self, admission: Admission) -> BudgetExceeded:
+        """The exception the instrumented client raises for a refused admission."""
+        return BudgetExceeded.from_admission(admission)
+
     def settle(self, reservation: Reservation | None, record: CallRecord | None) -> None:
         """Release a reservation; idempotent.
 
