@@ -842,3 +842,32 @@ def test_serve_runs_until_ctrl_c_and_stops_cleanly(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 0, err.decode()
     assert b"Traceback" not in err
+
+
+async def test_clients_that_leave_early_are_quiet_and_unreported(
+    upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients that hang up before or during a stream get no usage recorded, and the server logs no error."""
+    body = json.dumps({**CHAT, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    raw = (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    for hang_up in ("half_close", "reset"):
+        _, writer = await asyncio.open_connection("127.0.0.1", upstream.port)
+        writer.write(raw)
+        await writer.drain()
+        if hang_up == "half_close":
+            writer.write_eof()
+        else:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        await asyncio.sleep(0.05)
+        writer.close()
+    upstream.chunk_delay = 0.02
+    async with aiohttp.ClientSession() as s, s.post(upstream.url + "/v1/chat/completions", data=body) as r:
+        assert (await r.content.readline()).startswith(b"data: ")
+        # leaving the block drops the connection mid-stream
+    await asyncio.sleep(0.5)  # longer than the rest of that stream would take
+    assert len(upstream.requests) == 3
+    assert [r.usage for r in upstream.requests] == [None, None, None]
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]

@@ -1028,9 +1028,10 @@ class FakeUpstream:
         if fault == "cut":
             resp = web.StreamResponse(status=200, headers={"Content-Type": _JSON_TYPE})
             resp.content_length = len(data)
-            await resp.prepare(request)
-            await resp.write(data[: len(data) // 2])
-            rec.status = 200
+            with contextlib.suppress(ConnectionResetError):
+                await resp.prepare(request)
+                rec.status = 200
+                await resp.write(data[: len(data) // 2])
             _abort(request)
             return resp
         rec.status = 200
@@ -1066,25 +1067,30 @@ class FakeUpstream:
             reported = with_usage
 
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
-        await resp.prepare(request)
-        rec.status = 200
-        if fault == "slow_first_chunk" and not await self._hold(self.slow_first_chunk_seconds):
-            _abort(request)
+        try:
+            await resp.prepare(request)
+            rec.status = 200
+            if fault == "slow_first_chunk" and not await self._hold(self.slow_first_chunk_seconds):
+                _abort(request)
+                return resp
+            cut = fault == "cut"
+            pieces = sse.pieces[: sse.cut_at] if cut else sse.pieces
+            if self.chunk_delay > 0:
+                for i, piece in enumerate(pieces):
+                    if i:
+                        await asyncio.sleep(self.chunk_delay)
+                    await resp.write(piece)
+            elif pieces:
+                await resp.write(b"".join(pieces))
+            if cut:
+                self._report(rec, sse.cut_usage)
+                _abort(request)
+                return resp
+            await resp.write_eof()
+        except ConnectionResetError:
+            # The client went away (an app closing a stream early, a load generator stopping): what it did not
+            # receive was not reported, and it is no server error worth a traceback.
             return resp
-        cut = fault == "cut"
-        pieces = sse.pieces[: sse.cut_at] if cut else sse.pieces
-        if self.chunk_delay > 0:
-            for i, piece in enumerate(pieces):
-                if i:
-                    await asyncio.sleep(self.chunk_delay)
-                await resp.write(piece)
-        elif pieces:
-            await resp.write(b"".join(pieces))
-        if cut:
-            self._report(rec, sse.cut_usage)
-            _abort(request)
-            return resp
-        await resp.write_eof()
         self._report(rec, plan.usage if reported else None)
         return resp
 
