@@ -63,22 +63,22 @@ def demo_config(upstream_url: str, state_dir: Path, port: int = 0) -> Config:
     return parse_config(data)
 
 
-def _body(route: str, model: str, completion: int, stream: bool) -> dict[str, Any]:
+def _prompt(tokens: int) -> str:
+    # The fake upstream bills characters // 4; single letters make tiktoken's estimate (what admission reserves)
+    # come out above that, as a real prompt's estimate is close to its real count.
+    return ("a b c d e f g h " * (tokens // 4 + 1))[: tokens * 4]
+
+
+def _body(route: str, model: str, prompt: int, completion: int, stream: bool) -> dict[str, Any]:
+    text = _prompt(prompt)
     if route == "/v1/embeddings":
-        return {"model": model, "input": ["tokenfuse demo embedding input"]}
+        return {"model": model, "input": [text]}
     if route == "/v1/responses":
-        return {"model": model, "input": "Summarise this ticket.", "max_output_tokens": completion, "stream": stream}
-    if route == "/v1/messages":
-        return {
-            "model": model,
-            "max_tokens": completion,
-            "messages": [{"role": "user", "content": "Draft a product announcement."}],
-            "stream": stream,
-        }
+        return {"model": model, "input": text, "max_output_tokens": completion, "stream": stream}
     return {
         "model": model,
         "max_tokens": completion,
-        "messages": [{"role": "user", "content": "Answer the customer politely."}],
+        "messages": [{"role": "user", "content": text}],
         "stream": stream,
     }
 
@@ -90,16 +90,18 @@ async def _department_traffic(
     while not stop.is_set():
         route, model, prompt, completion, stream_share = rng.choice(_TRAFFIC[dept])
         stream = rng.random() < stream_share
-        usage = {"prompt_tokens": prompt + rng.randint(0, prompt // 4), "completion_tokens": completion}
+        prompt = prompt + rng.randint(0, prompt // 4)
         headers = {
             "Authorization": f"Bearer {key}",
             "x-api-key": key,
             "X-Project": rng.choice(_PROJECTS[dept]),
             "X-Environment": "production",
-            "x-fake-usage": json.dumps(usage),
+            "x-fake-usage": json.dumps({"completion_tokens": completion}),
         }
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-            async with session.post(base + route, json=_body(route, model, completion, stream), headers=headers) as r:
+            async with session.post(
+                base + route, json=_body(route, model, prompt, completion, stream), headers=headers
+            ) as r:
                 await r.read()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=rng.uniform(0.15, 0.5))
