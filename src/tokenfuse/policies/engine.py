@@ -42,6 +42,8 @@ __all__ = ["Admission", "BudgetExceeded", "PolicyEngine", "Reservation"]
 log = logging.getLogger("tokenfuse.policy")
 
 _RESERVATION_TTL_FLOOR = 600.0
+# Enum member lookups cost ~0.35 µs each on Python 3.11, and admit is on every request's path.
+_CLOSED, _OPEN, _HALF_OPEN = FuseState.CLOSED, FuseState.OPEN, FuseState.HALF_OPEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +118,7 @@ class BudgetExceeded(Exception):
 
 
 class _Department:
-    __slots__ = ("fuse", "limits", "name", "reading", "reservations", "reserved_tokens", "reserved_usd",
+    __slots__ = ("exported", "fuse", "limits", "name", "reading", "reservations", "reserved_tokens", "reserved_usd",
                  "since_cost", "since_tokens", "spent_gauge", "tokens_gauge")  # fmt: skip
 
     def __init__(self, name: str, limits: FuseLimits, fuse: Fuse) -> None:
@@ -132,6 +134,7 @@ class _Department:
         self.since_cost = 0.0
         self.spent_gauge: Any = None
         self.tokens_gauge: Any = None
+        self.exported: tuple[float, float] | None = None  # what the two gauges show, to skip unchanged sets
 
 
 def _key(f: Fuse) -> tuple[Any, ...]:
@@ -277,6 +280,7 @@ class PolicyEngine:
             d.limits = limits
             d.tokens_gauge = m.tokens_window.labels(name, self._window_label)
             d.spent_gauge = m.budget_spent.labels(name, "month")
+            d.exported = None
             if limits.budget_usd is None:
                 with contextlib.suppress(KeyError):
                     m.budget_limit.remove(name, "month")
@@ -370,8 +374,11 @@ class PolicyEngine:
         for t in transitions:
             self._export(t, reading)
         if reading is not None:
-            d.tokens_gauge.set(reading.tokens)
-            d.spent_gauge.set(reading.spent_usd)
+            shown = (reading.tokens, reading.spent_usd)
+            if shown != d.exported:
+                d.exported = shown
+                d.tokens_gauge.set(reading.tokens)
+                d.spent_gauge.set(reading.spent_usd)
 
     def _export(self, t: Transition, reading: Reading | None) -> None:
         self.metrics.breaker_transitions.labels(t.department, t.from_state.value, t.to_state.value).inc()
@@ -500,7 +507,7 @@ class PolicyEngine:
         if d is None:
             if not self._opened:
                 raise RuntimeError("PolicyEngine.admit before open(): call open() or await start() first")
-            return Admission(True, department, FuseState.CLOSED, None, None, None, None, None)
+            return Admission(True, department, _CLOSED, None, None, None, None, None)
         inp, out = max(int(input_tokens), 0), max(int(max_output_tokens), 0)
         tokens = inp + out
         cost = self._worst_case_usd(provider, model, inp, out) if d.limits.budget_usd is not None else 0.0
@@ -520,12 +527,12 @@ class PolicyEngine:
                     budget_left = limits.budget_usd - reading.spent_usd - d.reserved_usd
             probe = False
             if not forced:
-                if fuse.state is FuseState.OPEN:
+                if fuse.state is _OPEN:
                     retry = fuse.retry_after(now, self._period_at(now).end)
                     if retry is None and fuse.override is None:
                         retry = self.config.policy.interval
                     return self._refuse(d, "fuse_open", retry, tokens_left, budget_left)
-                if fuse.state is FuseState.HALF_OPEN:
+                if fuse.state is _HALF_OPEN:
                     if fuse.probes_left <= 0:
                         return self._refuse(d, "fuse_open", self.config.policy.interval, tokens_left, budget_left)
                     probe = True

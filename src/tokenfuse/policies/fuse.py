@@ -33,6 +33,10 @@ class FuseState(StrEnum):
     HALF_OPEN = "half_open"
 
 
+# Enum member lookups cost ~0.35 µs each on Python 3.11; the fuse is evaluated on every admission.
+_CLOSED, _OPEN, _HALF_OPEN = FuseState.CLOSED, FuseState.OPEN, FuseState.HALF_OPEN
+
+
 class OpenCause(StrEnum):
     """Why an OPEN fuse is open; decides how it may close."""
 
@@ -230,17 +234,17 @@ class Fuse:
         self.since = now
         self.epoch += 1
         self.probes_in_flight = 0
-        if to is not FuseState.OPEN:
+        if to is not _OPEN:
             self.cause = None
             self.half_open_at = None
             self.period = None
-        if to is not FuseState.HALF_OPEN:
+        if to is not _HALF_OPEN:
             self.probes_left = 0
 
     def _open(self, cause: OpenCause, reason: str, now: float, reading: Reading | None, limits: FuseLimits,
               out: list[Transition]) -> None:  # fmt: skip
-        if self.state is not FuseState.OPEN:
-            self._move(FuseState.OPEN, reason, now, out)
+        if self.state is not _OPEN:
+            self._move(_OPEN, reason, now, out)
         self._set_cause(cause, now, reading, limits)
 
     def _set_cause(self, cause: OpenCause, now: float, reading: Reading | None, limits: FuseLimits) -> None:
@@ -268,32 +272,32 @@ class Fuse:
             self.override = None
         if self.override is not None:
             if self.override.action == "open":
-                if self.state is not FuseState.OPEN or self.cause is not OpenCause.OVERRIDE:
+                if self.state is not _OPEN or self.cause is not OpenCause.OVERRIDE:
                     self._open(OpenCause.OVERRIDE, "override", now, reading, limits, out)
-            elif self.state is not FuseState.CLOSED:
-                self._move(FuseState.CLOSED, "override", now, out)
+            elif self.state is not _CLOSED:
+                self._move(_CLOSED, "override", now, out)
             return out
 
         if reading is None:
-            if self.state is not FuseState.OPEN and limits.limited:
+            if self.state is not _OPEN and limits.limited:
                 self._open(OpenCause.SOURCE_UNAVAILABLE, "source_unavailable", now, reading, limits, out)
             return out
 
         over_budget = limits.budget_usd is not None and reading.spent_usd >= limits.budget_usd
         over_tokens = limits.token_limit is not None and reading.tokens >= limits.token_limit
 
-        if self.state is FuseState.CLOSED:
+        if self.state is _CLOSED:
             if over_budget:
                 self._open(OpenCause.BUDGET, "budget", now, reading, limits, out)
             elif over_tokens:
                 self._open(OpenCause.TOKEN_LIMIT, "token_limit", now, reading, limits, out)
-        elif self.state is FuseState.HALF_OPEN:
+        elif self.state is _HALF_OPEN:
             if over_budget:
                 self._open(OpenCause.BUDGET, "budget", now, reading, limits, out)
             elif over_tokens:
                 self._open(OpenCause.TOKEN_LIMIT, "token_limit", now, reading, limits, out)
             elif self.probes_left <= 0 and self.probes_in_flight <= 0:
-                self._move(FuseState.CLOSED, "probes_passed", now, out)
+                self._move(_CLOSED, "probes_passed", now, out)
         elif self.cause is OpenCause.BUDGET:
             if over_budget:
                 if self.period != reading.period:
@@ -302,14 +306,14 @@ class Fuse:
                 self._set_cause(OpenCause.TOKEN_LIMIT, now, reading, limits)
             else:
                 reason = "month_rollover" if self.period != reading.period else "budget_cleared"
-                self._move(FuseState.CLOSED, reason, now, out)
+                self._move(_CLOSED, reason, now, out)
         elif self.cause is OpenCause.TOKEN_LIMIT:
             if over_budget:
                 self._set_cause(OpenCause.BUDGET, now, reading, limits)
             elif limits.token_limit is None:
-                self._move(FuseState.CLOSED, "token_limit_removed", now, out)
+                self._move(_CLOSED, "token_limit_removed", now, out)
             elif self.half_open_at is None or now >= self.half_open_at:
-                self._move(FuseState.HALF_OPEN, "open_for_elapsed", now, out)
+                self._move(_HALF_OPEN, "open_for_elapsed", now, out)
                 self.probes_left = limits.half_open_probes
         else:
             # Opened by an override that has ended, or by a lost source that is back: the numbers decide now.
@@ -320,7 +324,7 @@ class Fuse:
                 self._set_cause(OpenCause.TOKEN_LIMIT, now, reading, limits)
             else:
                 reason = "override_ended" if self.cause is OpenCause.OVERRIDE else "source_recovered"
-                self._move(FuseState.CLOSED, reason, now, out)
+                self._move(_CLOSED, reason, now, out)
         return out
 
     def set_override(self, override: Override | None, now: float, reading: Reading | None,
@@ -340,7 +344,7 @@ class Fuse:
 
     def take_probe(self) -> bool:
         """Claim one HALF_OPEN probe; False when none is left."""
-        if self.state is not FuseState.HALF_OPEN or self.probes_left <= 0:
+        if self.state is not _HALF_OPEN or self.probes_left <= 0:
             return False
         self.probes_left -= 1
         self.probes_in_flight += 1
@@ -366,7 +370,7 @@ class Fuse:
         """
         if self.override is not None and self.override.action == "open":
             return None if self.override.until is None else max(self.override.until - now, 0.0)
-        if self.state is not FuseState.OPEN:
+        if self.state is not _OPEN:
             return None
         if self.cause is OpenCause.BUDGET:
             return max(period_end - now, 0.0)
