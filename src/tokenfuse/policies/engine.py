@@ -514,7 +514,10 @@ class PolicyEngine:
         with self._lock:
             if not self._opened:
                 raise RuntimeError("PolicyEngine.admit before open(): call open() or await start() first")
-            d = self._depts.get(department, d)
+            current = self._depts.get(department)
+            if current is None:  # removed by a reload since the lookup above
+                return Admission(True, department, _CLOSED, None, None, None, None, None)
+            d = current
             self._evaluate(d, now)
             fuse, limits, reading = d.fuse, d.limits, d.reading
             forced = fuse.override is not None and fuse.override.action == "close"

@@ -187,7 +187,8 @@ class Transition:
         from_state: state before.
         to_state: state after.
         reason: ``token_limit``, ``budget``, ``open_for_elapsed``, ``probes_passed``, ``month_rollover``,
-            ``budget_cleared``, ``override``, ``override_ended``, ``source_unavailable``, ``source_recovered``.
+            ``budget_cleared``, ``token_limit_removed``, ``override``, ``override_ended``, ``source_unavailable``,
+            ``source_recovered``.
         at: UNIX time.
     """
 
