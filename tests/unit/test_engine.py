@@ -179,6 +179,15 @@ def test_insufficient_budget_waits_for_the_next_month_in_the_zone(rig: Rig) -> N
     assert rig.admit("mkt", worst=4000).admitted
 
 
+def test_budget_held_by_requests_in_flight_says_retry_soon(rig: Rig) -> None:
+    """When only in-flight reservations hold the budget, the refusal's retry_after is the interval, not month end."""
+    held = rig.admit("mkt", worst=45_000)  # $0.45 reserved, nothing spent
+    adm = rig.admit("mkt", worst=10_000)
+    assert (adm.admitted, adm.reason, adm.retry_after) == (False, "insufficient_budget", 5.0)
+    rig.engine.settle(held.reservation, None)
+    assert rig.admit("mkt", worst=10_000).admitted
+
+
 def test_unassigned_and_unlimited_departments_are_never_blocked(rig: Rig) -> None:
     """unassigned, unknown and limit-free departments are admitted without reservation whatever they use."""
     rig.record(10**9, dept="ops")

@@ -540,7 +540,10 @@ class PolicyEngine:
                         return self._refuse(d, "fuse_open", self.config.policy.interval, tokens_left, budget_left)
                     probe = True
                 if budget_left is not None and cost > budget_left:
-                    retry = self._period_at(now).end - now
+                    if budget_left + d.reserved_usd >= cost:
+                        retry = self.config.policy.interval  # requests in flight hold the room
+                    else:
+                        retry = self._period_at(now).end - now
                     return self._refuse(d, "insufficient_budget", retry, tokens_left, budget_left)
                 if tokens_left is not None and tokens > tokens_left:
                     return self._refuse(d, "token_limit", self._token_wait(d, tokens, tokens_left, now),
