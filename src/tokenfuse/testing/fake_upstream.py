@@ -114,7 +114,7 @@ _SSE_HEADERS: Final[Mapping[str, str]] = {
 _JSON_TYPE: Final = "application/json"
 _SLOT: Final = "\x00slot\x00"
 _SLOT_JSON: Final = json.dumps(_SLOT)
-_DONE: Final = b"data: [DONE]\n\n"
+_DONE: Final = "data: [DONE]\n\n"
 
 
 def _dumps(obj: Any) -> str:
@@ -360,7 +360,7 @@ def _anthropic_usage(u: Mapping[str, int], output_tokens: int) -> dict[str, Any]
 class _Stream:
     """SSE pieces of one answer; ``cut_at`` pieces are sent under the ``cut`` fault, reporting ``cut_usage``."""
 
-    pieces: list[bytes]
+    pieces: list[str]
     cut_at: int
     cut_usage: dict[str, int] | None = None
 
@@ -441,36 +441,63 @@ def _chat_json_bytes(rid: str, created: int, model: str, plan: _Plan) -> bytes:
     ).encode()
 
 
-def _chat_stream(rid: str, created: int, model: str, plan: _Plan, include_usage: bool, with_usage: bool) -> _Stream:
-    def chunk(choices: list[Any]) -> dict[str, Any]:
-        c: dict[str, Any] = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": "fp_tokenfuse",
-            "choices": choices,
-        }
-        if include_usage:
-            # Real OpenAI puts "usage": null on every chunk but the last once include_usage is asked for.
-            c["usage"] = None
-        return c
+def _head(obj: Mapping[str, Any], *values: str) -> str:
+    """``obj`` serialised with its slots filled and its closing brace replaced by a comma, to prefix a tail."""
+    return _fill(_template(obj), *values)[:-1] + ","
 
-    def choice(delta: Any, finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-    first = chunk([choice({"role": "assistant", "content": "", "refusal": None}, None)])
-    parts = _template(chunk([choice({"content": _SLOT}, None)]))
-    last = chunk([choice({}, "length" if plan.truncated else "stop")])
-    pieces = [f"data: {_dumps(first)}\n\n".encode()]
-    pieces.extend(f"data: {_fill(parts, p)}\n\n".encode() for p in _encoded_pieces(plan.visible))
-    pieces.append(f"data: {_dumps(last)}\n\n".encode())
+@functools.lru_cache(maxsize=64)
+def _tail(obj_json: str) -> str:
+    """The JSON ``obj_json`` without its opening brace, to follow a :func:`_head`."""
+    return obj_json[1:]
+
+
+def _choice_delta(delta: Any, finish: str | None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def _choice_text(text: str, finish: str | None) -> dict[str, Any]:
+    return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+
+@functools.lru_cache(maxsize=16)
+def _openai_chunk_tails(chat: bool, include_usage: bool, finish: str) -> tuple[str, str, str, str]:
+    """Request-independent ends of OpenAI stream chunks: (first, piece before text, piece after text, last).
+
+    Real OpenAI puts ``"usage": null`` on every chunk but the last once include_usage is asked for.
+    """
+    usage: dict[str, Any] = {"usage": None} if include_usage else {}
+    if chat:
+        first = {"choices": [_choice_delta({"role": "assistant", "content": "", "refusal": None}, None)], **usage}
+        piece = {"choices": [_choice_delta({"content": _SLOT}, None)], **usage}
+        last = {"choices": [_choice_delta({}, finish)], **usage}
+    else:
+        first = {}
+        piece = {"choices": [_choice_text(_SLOT, None)], **usage}
+        last = {"choices": [_choice_text("", finish)], **usage}
+    before, after = _template(piece)
+    return _tail(_dumps(first)) if first else "", before[1:], after, _tail(_dumps(last))
+
+
+def _openai_stream(
+    chat: bool, rid: str, created: int, model: str, plan: _Plan, include_usage: bool, with_usage: bool
+) -> _Stream:
+    """Chat Completions (``chat``) or legacy Completions chunks: every chunk shares one per-request head."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    shape: dict[str, Any] = {"id": _SLOT, "object": obj, "created": _SLOT, "model": _SLOT}
+    if chat:
+        shape["system_fingerprint"] = "fp_tokenfuse"
+    head = "data: " + _head(shape, json.dumps(rid), str(created), json.dumps(model))
+    finish = "length" if plan.truncated else "stop"
+    first, before, after, last = _openai_chunk_tails(chat, include_usage, finish)
+    pieces = [f"{head}{first}\n\n"] if first else []
+    pieces.extend(f"{head}{before}{p}{after}\n\n" for p in _encoded_pieces(plan.visible))
+    pieces.append(f"{head}{last}\n\n")
     if include_usage and with_usage:
-        final = chunk([])
-        final["usage"] = _openai_chat_usage(plan.usage)
-        pieces.append(f"data: {_dumps(final)}\n\n".encode())
+        usage = _openai_chat_usage(plan.usage) if chat else _openai_completions_usage(plan.usage)
+        pieces.append(f'{head}"choices":[],"usage":{_dumps(usage)}}}\n\n')
     pieces.append(_DONE)
-    return _Stream(pieces, cut_at=1 + _half(plan.visible))
+    return _Stream(pieces, cut_at=(1 if chat else 0) + _half(plan.visible))
 
 
 def _completions_json(rid: str, created: int, model: str, plan: _Plan, with_usage: bool) -> dict[str, Any]:
@@ -491,30 +518,6 @@ def _completions_json(rid: str, created: int, model: str, plan: _Plan, with_usag
     if with_usage:
         out["usage"] = _openai_completions_usage(plan.usage)
     return out
-
-
-def _completions_stream(
-    rid: str, created: int, model: str, plan: _Plan, include_usage: bool, with_usage: bool
-) -> _Stream:
-    def chunk(choices: list[Any]) -> dict[str, Any]:
-        c: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model}
-        c["choices"] = choices
-        if include_usage:
-            c["usage"] = None
-        return c
-
-    def choice(text: str, finish: str | None) -> dict[str, Any]:
-        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-
-    parts = _template(chunk([choice(_SLOT, None)]))
-    pieces = [f"data: {_fill(parts, p)}\n\n".encode() for p in _encoded_pieces(plan.visible)]
-    pieces.append(f"data: {_dumps(chunk([choice('', 'length' if plan.truncated else 'stop')]))}\n\n".encode())
-    if include_usage and with_usage:
-        final = chunk([])
-        final["usage"] = _openai_completions_usage(plan.usage)
-        pieces.append(f"data: {_dumps(final)}\n\n".encode())
-    pieces.append(_DONE)
-    return _Stream(pieces, cut_at=_half(plan.visible))
 
 
 def _responses_object(
@@ -570,22 +573,24 @@ def _responses_stream(
     text = _answer(plan.visible)
     seq = itertools.count()
 
-    def event(kind: str, payload: dict[str, Any]) -> bytes:
-        return f"event: {kind}\ndata: {_dumps({'type': kind, **payload, 'sequence_number': next(seq)})}\n\n".encode()
+    def event(kind: str, payload: dict[str, Any]) -> str:
+        return f"event: {kind}\ndata: {_dumps({'type': kind, **payload, 'sequence_number': next(seq)})}\n\n"
 
-    pending = _responses_object(rid, created, model, body, "in_progress", [], None)
+    pending = _dumps(_responses_object(rid, created, model, body, "in_progress", [], None))
     part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
     where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
     pieces = [
-        event("response.created", {"response": pending}),
-        event("response.in_progress", {"response": pending}),
+        f'event: {name}\ndata: {{"type":"{name}","response":{pending},"sequence_number":{next(seq)}}}\n\n'
+        for name in ("response.created", "response.in_progress")
+    ]
+    pieces += [
         event("response.output_item.added", {"output_index": 0, "item": _responses_message(msg_id, None)}),
         event("response.content_part.added", {**where, "part": part}),
     ]
     kind = "response.output_text.delta"
-    parts = _template({"type": kind, **where, "logprobs": [], "delta": _SLOT, "sequence_number": _SLOT})
+    head = f"event: {kind}\ndata: " + _head({"type": kind, **where, "logprobs": []})
     for p in _encoded_pieces(plan.visible):
-        pieces.append(f"event: {kind}\ndata: {_fill(parts, p, str(next(seq)))}\n\n".encode())
+        pieces.append(f'{head}"delta":{p},"sequence_number":{next(seq)}}}\n\n')
     pieces.append(event("response.output_text.done", {**where, "logprobs": [], "text": text}))
     pieces.append(event("response.content_part.done", {**where, "part": {**part, "text": text}}))
     pieces.append(event("response.output_item.done", {"output_index": 0, "item": _responses_message(msg_id, text)}))
@@ -614,9 +619,18 @@ def _anthropic_json(rid: str, model: str, plan: _Plan, with_usage: bool) -> dict
     return out
 
 
+@functools.lru_cache(maxsize=512)
+def _anthropic_text_events(n: int) -> tuple[str, ...]:
+    """The ``content_block_delta`` events of an ``n``-token answer: nothing in them depends on the request."""
+    before, after = _template(
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": _SLOT}}
+    )
+    return tuple(f"event: content_block_delta\ndata: {before}{p}{after}\n\n" for p in _encoded_pieces(n))
+
+
 def _anthropic_stream(rid: str, model: str, plan: _Plan, with_usage: bool) -> _Stream:
-    def event(kind: str, payload: dict[str, Any]) -> bytes:
-        return f"event: {kind}\ndata: {_dumps({'type': kind, **payload})}\n\n".encode()
+    def event(kind: str, payload: dict[str, Any]) -> str:
+        return f"event: {kind}\ndata: {_dumps({'type': kind, **payload})}\n\n"
 
     message: dict[str, Any] = {
         "id": rid,
@@ -632,22 +646,24 @@ def _anthropic_stream(rid: str, model: str, plan: _Plan, with_usage: bool) -> _S
     start_output = min(1, plan.usage["output_tokens"])
     if with_usage:
         message["usage"] = _anthropic_usage(plan.usage, start_output)
-    pieces = [
-        event("message_start", {"message": message}),
-        event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
-        event("ping", {}),
-    ]
-    parts = _template({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": _SLOT}})
-    for p in _encoded_pieces(plan.visible):
-        pieces.append(f"event: content_block_delta\ndata: {_fill(parts, p)}\n\n".encode())
-    pieces.append(event("content_block_stop", {"index": 0}))
+    pieces = [event("message_start", {"message": message}), _ANTHROPIC_BLOCK_START]
+    pieces.extend(_anthropic_text_events(plan.visible))
+    pieces.append(_ANTHROPIC_BLOCK_STOP)
     delta: dict[str, Any] = {"delta": {"stop_reason": _anthropic_stop(plan), "stop_sequence": None}}
     if with_usage:
         delta["usage"] = _anthropic_usage(plan.usage, plan.usage["output_tokens"])
     pieces.append(event("message_delta", delta))
-    pieces.append(event("message_stop", {}))
+    pieces.append(_ANTHROPIC_MESSAGE_STOP)
     cut_usage = {**plan.usage, "output_tokens": start_output} if with_usage else None
-    return _Stream(pieces, cut_at=3 + _half(plan.visible), cut_usage=cut_usage)
+    return _Stream(pieces, cut_at=2 + _half(plan.visible), cut_usage=cut_usage)
+
+
+_ANTHROPIC_BLOCK_START: Final = (
+    'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text",'
+    '"text":""}}\n\nevent: ping\ndata: {"type":"ping"}\n\n'
+)
+_ANTHROPIC_BLOCK_STOP: Final = 'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+_ANTHROPIC_MESSAGE_STOP: Final = 'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
 def _embedding_inputs(body: Mapping[str, Any]) -> list[str]:
@@ -1054,10 +1070,10 @@ class FakeUpstream:
         options = body.get("stream_options")
         include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
         if api == "openai.chat":
-            sse = _chat_stream(f"chatcmpl-fake{n:010d}", created, model, plan, include_usage, with_usage)
+            sse = _openai_stream(True, f"chatcmpl-fake{n:010d}", created, model, plan, include_usage, with_usage)
             reported = include_usage and with_usage
         elif api == "openai.completions":
-            sse = _completions_stream(f"cmpl-fake{n:010d}", created, model, plan, include_usage, with_usage)
+            sse = _openai_stream(False, f"cmpl-fake{n:010d}", created, model, plan, include_usage, with_usage)
             reported = include_usage and with_usage
         elif api == "openai.responses":
             sse = _responses_stream(f"resp_fake{n:010d}", created, model, body, plan, with_usage)
@@ -1079,9 +1095,9 @@ class FakeUpstream:
                 for i, piece in enumerate(pieces):
                     if i:
                         await asyncio.sleep(self.chunk_delay)
-                    await resp.write(piece)
+                    await resp.write(piece.encode())
             elif pieces:
-                await resp.write(b"".join(pieces))
+                await resp.write("".join(pieces).encode())
             if cut:
                 self._report(rec, sse.cut_usage)
                 _abort(request)
