@@ -56,6 +56,11 @@ ALERT_NAMES = (
 """Every alert `render_rules` can emit; each has a section in docs/runbook.md."""
 
 
+# Recording-rule convention (level:metric:operations) drops a counter's _total once it is rated.
+_COST = COST_USD_TOTAL.removesuffix("_total")
+_TOKENS = TOKENS_TOTAL.removesuffix("_total")
+
+
 class _Recorded:
     """Names of the recording rules, so alerts, templates and dashboards spell them once."""
 
@@ -63,18 +68,20 @@ class _Recorded:
     limit = f"department:{BUDGET_LIMIT_USD}:max"
     used_percent = "department:tokenfuse_budget_used:percent"
     remaining = "department:tokenfuse_budget_remaining_usd:max"
-    cost_rate5m = "department:tokenfuse_cost_usd:rate5m"
-    tokens_rate5m = "department:tokenfuse_tokens:rate5m"
+    cost_rate5m = f"department:{_COST}:rate5m"
+    tokens_rate5m = f"department:{_TOKENS}:rate5m"
     month_remaining = "tokenfuse:month_remaining_seconds"
     token_limit = f"department:{TOKEN_LIMIT}:max"
 
     @staticmethod
     def cost_rate(window: str) -> str:
-        return f"department:tokenfuse_cost_usd:rate{window}"
+        """USD per second over ``window``, summed over replicas, e.g. ``department:tokenfuse_cost_usd:rate6h``."""
+        return f"department:{_COST}:rate{window}"
 
     @staticmethod
     def tokens_increase(window: str) -> str:
-        return f"department:tokenfuse_tokens:increase{window}"
+        """Tokens in the last ``window``, summed over replicas, e.g. ``department:tokenfuse_tokens:increase1h``."""
+        return f"department:{_TOKENS}:increase{window}"
 
 
 RECORDED = _Recorded
@@ -137,7 +144,7 @@ def _recording_rules(config: Config) -> list[dict[str, Any]]:
     token_window = format_duration(config.policy.token_window)
     r = RECORDED
     month = _sel(period="month")
-    rules: list[dict[str, str]] = [
+    rules: list[dict[str, Any]] = [
         # Every replica exports the same department gauges, so max (not sum) is the department's value.
         {"record": r.spent, "expr": f"max by (department) ({BUDGET_SPENT_USD}{month})"},
         {"record": r.limit, "expr": f"max by (department) ({BUDGET_LIMIT_USD}{month})"},
@@ -162,7 +169,7 @@ def _recording_rules(config: Config) -> list[dict[str, Any]]:
             "expr": "(days_in_month() - day_of_month() + 1) * 86400 - hour() * 3600 - minute() * 60",
         },
     ]
-    return list(rules)
+    return rules
 
 
 def _threshold_rules(config: Config, name: str, dept: Department) -> list[dict[str, Any]]:
@@ -354,7 +361,11 @@ _Dumper.add_representer(str, _str)
 
 
 def dump_yaml(data: object) -> str:
-    """YAML as tokenfuse generators write it: key order kept, block strings, no line wrapping."""
+    """YAML as tokenfuse generators write it: key order kept, block strings, no line wrapping, no aliases.
+
+    Args:
+        data: plain mappings, lists and scalars.
+    """
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=1_000_000, allow_unicode=True)
 
 
