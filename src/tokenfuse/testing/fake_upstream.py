@@ -785,7 +785,7 @@ class FakeUpstream:
     Faults, by header ``x-fake-fault: NAME`` for one request, or :meth:`inject` for the next N API requests (the
     header wins and does not consume the queue):
 
-    - ``http_500``; ``http_429`` with ``retry-after: {retry_after}``; both with the provider's error body;
+    - ``http_500``; ``http_429`` with a ``retry-after`` header (:attr:`retry_after`); both with the provider's error body;
     - ``timeout``: sleeps :attr:`timeout_seconds`; :meth:`stop` wakes it and drops the connection, a client that
       goes away cancels it;
     - ``cut``: the body stops mid-way and the connection is dropped: no usage, no ``[DONE]`` (an Anthropic stream
@@ -842,7 +842,8 @@ class FakeUpstream:
         """Base URL without ``/v1``, e.g. ``http://127.0.0.1:43117``; valid after :meth:`start`."""
         if self._runner is None:
             raise RuntimeError("FakeUpstream.url: call start() (or enter the context manager) first")
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
         """Bind and start serving; with ``port=0`` the chosen port is then in :attr:`port` and :attr:`url`."""
