@@ -33,6 +33,7 @@ _SAMPLE_CHARS = 256 * 1024
 _PER_MESSAGE = 3  # OpenAI cookbook: every message costs 3 tokens of framing, and 3 more prime the reply
 _PER_NAME = 1
 _REPLY_PRIMING = 3
+_MAX_PIECES = 256  # beyond this many texts, one joined count: close enough, and one tiktoken call
 _IMAGE_TOKENS = 85  # an image counted at OpenAI's low-detail base cost; its real cost depends on its size
 
 # The public tiktoken files and their sha256, as tiktoken_ext.openai_public names them. With one of these in
@@ -321,8 +322,13 @@ def _estimate_prompt(api: Api, body: Mapping[str, Any], model: str | None) -> in
     tools = body.get("tools") or body.get("functions")
     if isinstance(tools, list) and tools:
         out.append(_json(tools))
-    text = "\n".join(s for s in out if s)
-    total = count_tokens(text, model) + overhead + token_arrays + media[0] * _IMAGE_TOKENS
+    pieces = [s for s in out if s]
+    if len(pieces) <= _MAX_PIECES:
+        # Each piece on its own, as the cookbook counts: joining would merge tokens across piece boundaries.
+        text_tokens = sum(count_tokens(s, model) for s in pieces)
+    else:
+        text_tokens = count_tokens("\n".join(pieces), model)
+    total = text_tokens + overhead + token_arrays + media[0] * _IMAGE_TOKENS
     return min(total, MAX_COUNT)
 
 
