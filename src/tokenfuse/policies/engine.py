@@ -610,7 +610,9 @@ class PolicyEngine:
         """Release a reservation; idempotent.
 
         The real usage reaches the ledger through the meter subscription, once, whatever is passed here, so
-        ``record`` only tells the engine the call finished (None: it failed or consumed nothing).
+        ``record`` only tells the engine the call finished (None: it failed or consumed nothing). Between
+        `Meter.record` and this call the usage counts twice (ledger and reservation): conservative, so call it
+        right after recording.
 
         Args:
             reservation: from `Admission.reservation`; None is a no-op.
