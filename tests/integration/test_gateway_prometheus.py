@@ -30,6 +30,7 @@ class GatewayProcess:
         self.port = free_port()
         config = json.loads(json.dumps(config))
         config["gateway"]["listen"] = f"127.0.0.1:{self.port}"
+        config["policy"]["state_path"] = str(tmp_path / f"{name}.db")  # one ledger per replica
         self.path = tmp_path / f"{name}.yaml"
         self.path.write_text(yaml.safe_dump(config))
         self.log = tmp_path / f"{name}.log"
