@@ -273,3 +273,25 @@ def test_embeddings_stream_api_has_no_text() -> None:
     p = _parse("openai.embeddings", [b'data: {"text":"x"}\n\n'])
     assert p.events == 1
     assert p.output_text == ""
+
+
+def test_events_with_type_not_first_are_still_read() -> None:
+    """Anthropic and Responses events whose "type" is not the first key (or spaced) are recognised all the same."""
+    anthropic = (
+        b'event: message_start\ndata: { "message": {"model": "m", "usage": {"input_tokens": 9, "output_tokens": 1}},'
+        b' "type": "message_start"}\n\n'
+        b'event: content_block_delta\ndata: {"index":0,"delta":{"type":"text_delta","text":"Hi"},'
+        b'"type":"content_block_delta"}\n\n'
+        b'event: message_delta\ndata: {"usage":{"output_tokens":5},"type":"message_delta"}\n\n'
+    )
+    p = _parse("anthropic.messages", [anthropic])
+    assert p.result() == Usage(9, 5, model="m")
+    assert p.output_text == "Hi"
+    responses = (
+        b'data: {"delta":"Hel","type":"response.output_text.delta"}\n\n'
+        b'data: {"delta":"QUFBQQ==","type":"response.audio.delta"}\n\n'
+        b'data: {"response":{"model":"m","usage":{"input_tokens":2,"output_tokens":1}},"type":"response.completed"}\n\n'
+    )
+    q = _parse("openai.responses", [responses])
+    assert q.result() == Usage(2, 1, model="m")
+    assert q.output_text == "Hel"

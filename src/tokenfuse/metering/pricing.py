@@ -206,7 +206,7 @@ class _NeedsSlowPath(Exception):
 class _Model:
     """A resolved genai-prices model: its plans per `ModelPrice`, and the one in force for the last UTC day."""
 
-    __slots__ = ("day", "day_price", "info", "plans", "provider", "time_of_day")
+    __slots__ = ("info", "plans", "provider", "time_of_day", "today")
 
     def __init__(self, provider: gp_types.Provider, info: gp_types.ModelInfo) -> None:
         self.provider = provider
@@ -216,17 +216,20 @@ class _Model:
         self.time_of_day = isinstance(prices, list) and any(
             isinstance(c.constraint, gp_types.TimeOfDateConstraint) for c in prices
         )
-        self.day: date | None = None
-        self.day_price: gp_types.ModelPrice | None = None
+        # (UTC day, its ModelPrice) as one tuple, so concurrent callers never pair one day with another's price.
+        self.today: tuple[date, gp_types.ModelPrice] | None = None
 
     def model_price(self, when: datetime) -> gp_types.ModelPrice:
+        """The prices in force at ``when`` (UTC): start dates change them by day, off-peak windows by the hour."""
         if self.time_of_day:
             return self.info.get_prices(when)
         day = when.date()
-        if day != self.day or self.day_price is None:
-            self.day_price = self.info.get_prices(when)
-            self.day = day
-        return self.day_price
+        today = self.today
+        if today is not None and today[0] == day:
+            return today[1]
+        mp = self.info.get_prices(when)
+        self.today = (day, mp)
+        return mp
 
     def plan(self, mp: gp_types.ModelPrice) -> _Plan | None:
         entry = self.plans.get(id(mp))

@@ -39,6 +39,17 @@ _KINDS = {
     "google.generate_content": _GOOGLE,
 }
 _RESPONSE_DONE = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
+_RESPONSE_DONE_TYPES = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
+_TYPE_PREFIX = b'{"type":"'
+
+
+def _event_type(data: bytes) -> bytes | None:
+    """The event type when it is the first key, as OpenAI Responses and Anthropic send it; else None (search)."""
+    if data.startswith(_TYPE_PREFIX):
+        end = data.find(b'"', 9)
+        if end > 0:
+            return data[9:end]
+    return None
 
 
 def _decode_strings(parts: list[bytes]) -> str:
@@ -209,14 +220,28 @@ class StreamUsageParser:
             if b'"usageMetadata"' in data:
                 self._keep(data)
         elif kind == _RESPONSES:
-            if b'.delta"' not in data or b'"response.audio.delta"' in data:
+            typ = _event_type(data)
+            if typ is None:
+                if b'.delta"' not in data or b'"response.audio.delta"' in data:
+                    text_re = None
+                if b'"response.' in data and any(m in data for m in _RESPONSE_DONE):
+                    self._keep(data)
+            elif typ.endswith(b".delta") and typ != b"response.audio.delta":
+                pos = max(data.find(b'"delta"'), 0)
+            else:
                 text_re = None
-            if b'"response.' in data and any(m in data for m in _RESPONSE_DONE):
-                self._keep(data)
-        elif kind == _ANTHROPIC and b"content_block_delta" not in data:
-            text_re = None
-            if b'"message_start"' in data or b'"message_delta"' in data:
-                self._anthropic = self._anthropic_event(data, self._anthropic)
+                if typ in _RESPONSE_DONE_TYPES:
+                    self._keep(data)
+        elif kind == _ANTHROPIC:
+            typ = _event_type(data)
+            if typ == b"content_block_delta" or (typ is None and b"content_block_delta" in data):
+                pos = max(data.find(b'"delta"'), 0)
+            else:
+                text_re = None
+                if typ in (b"message_start", b"message_delta") or (
+                    typ is None and (b'"message_start"' in data or b'"message_delta"' in data)
+                ):
+                    self._anthropic = self._anthropic_event(data, self._anthropic)
         if text_re is not None:
             found = text_re.findall(data, pos)
             if kind == _CHAT and not (found and found[0]):
