@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -226,3 +227,12 @@ def test_estimated_and_empty_usage() -> None:
     assert zero is not None and zero.exact == 0 and zero.total_usd == 0.0
     est = pricer.price("openai", "gpt-4o", Usage(10, 10, estimated=True), NOON)
     _assert_equal(est, _genai("openai", "gpt-4o", Usage(10, 10)))
+
+
+def test_slow_path_passes_only_usage_keys_genai_prices_takes() -> None:
+    """Keys genai-prices does not take as usage (requests, unknown ones) are left out of its calc, without warnings."""
+    usage = Usage(1000, 10, details={"requests": 3, "bogus": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = Pricer().price("elevenlabs", "eleven_realtime_v1_max", usage, NOON)
+    _assert_equal(p, _genai("elevenlabs", "eleven_realtime_v1_max", Usage(1000, 10)))

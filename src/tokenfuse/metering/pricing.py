@@ -30,6 +30,7 @@ __all__ = ["Price", "Pricer"]
 log = logging.getLogger("tokenfuse.metering")
 
 _REGISTRY = UnitRegistry(unit_data)
+_REPORTED_KEYS = frozenset(k for k in _REGISTRY.units if k != "requests")  # usage keys a Usage may carry
 _ZERO = Decimal(0)
 _MILLION = Decimal(1_000_000)
 _CORE_KEYS = frozenset(
@@ -341,7 +342,7 @@ class Pricer:
         return Price(inp / den, out / den, total / den, Decimal(total) / den, "genai-prices")
 
     def _slow(self, resolved: _Model, usage: Usage, at: datetime, provider: str, model: str) -> Price | None:
-        counts = {k: v for k, v in ((k, _count(v)) for k, v in _all_counts(usage)) if v and k in _REGISTRY.units}
+        counts = {k: v for k, v in ((k, _count(v)) for k, v in _all_counts(usage)) if v and k in _REPORTED_KEYS}
         try:
             calc = resolved.info.calc_price(gp_types.Usage(**counts), resolved.provider, genai_request_timestamp=at)
         except (ValueError, ArithmeticError) as e:
