@@ -58,8 +58,7 @@ def _reordered(body: dict[str, Any], first: tuple[str, ...], last: tuple[str, ..
 @pytest.mark.parametrize("name", json_fixtures())
 @pytest.mark.parametrize("indent", [None, 2])
 def test_scan_finds_usage_in_provider_key_order(name: str, indent: int | None) -> None:
-    """With the keys in the order providers send them (model first, usage last; Gemini's modelVersion after usage),
-    pretty-printed or compact, the body scan gives the same usage as a full decode."""
+    """In the providers' own key order (Gemini's modelVersion after usage), compact or indented, the scan finds usage."""
     fx = fixture(name)
     body = fx.response_body
     if fx.api == "google.generate_content":
@@ -245,8 +244,7 @@ HAND_WRITTEN: list[tuple[str, Api, dict[str, Any], Usage]] = [
 
 @pytest.mark.parametrize(("label", "api", "body", "expected"), HAND_WRITTEN, ids=[h[0] for h in HAND_WRITTEN])
 def test_hand_written_payloads(label: str, api: Api, body: dict[str, Any], expected: Usage) -> None:
-    """Shapes the fixtures lack (Chat cached/audio, Embeddings, legacy Completions, Gemini cache and tool use,
-    Anthropic 1h cache write) give the documented usage, equal to genai-prices' reading, from bytes and dicts."""
+    """Shapes the fixtures lack give the documented usage, equal to genai-prices' reading, from bytes and dicts."""
     assert extract_usage(api, json.dumps(body).encode()) == expected
     assert extract_usage(api, body) == expected
     assert expected.counts() == genai_counts(api, body)

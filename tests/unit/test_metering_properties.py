@@ -104,8 +104,7 @@ def _check(usage: Usage | None) -> None:
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(api=st.sampled_from(APIS), body=bodies, indent=st.sampled_from([None, 1]))
 def test_extract_never_raises_on_wrong_types(api: Api, body: dict[str, Any], indent: int | None) -> None:
-    """Usage-shaped JSON of any types (strings, floats, NaN, negatives, huge ints, lists) gives valid counts or None,
-    and the body scan agrees with a full decode."""
+    """Usage JSON of wrong types (str, float, NaN, negative, huge, lists) gives valid counts or None, scan == decode."""
     raw = json.dumps(body, indent=indent).encode()
     usage = extract_usage(api, raw)
     _check(usage)
@@ -167,8 +166,7 @@ def documents(draw: st.DrawFn) -> tuple[Api, dict[str, Any]]:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=documents(), indent=st.sampled_from([None, 0, 2]), ascii_only=st.booleans())
 def test_scan_equals_full_decode(doc: tuple[Api, dict[str, Any]], indent: int | None, ascii_only: bool) -> None:
-    """Wherever usage and model sit among nested decoy "usage"/"model" keys and bracket-laden strings, the body
-    scan reads exactly what a full json.loads reads."""
+    """Among nested decoy "usage"/"model" keys and bracket-laden strings, the scan reads what json.loads reads."""
     api, body = doc
     raw = json.dumps(body, indent=indent, ensure_ascii=ascii_only).encode()
     expected = usage_from_root(api, json.loads(raw))
@@ -207,8 +205,7 @@ sse_fragments = st.sampled_from(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(api=st.sampled_from(APIS), parts=st.lists(sse_fragments | st.binary(max_size=30), max_size=40))
 def test_stream_parser_never_raises_on_garbage(api: Api, parts: list[bytes]) -> None:
-    """Garbage SSE (broken JSON, wrong types, bad escapes, split UTF-8) never makes the parser raise or report
-    an impossible count, and its text is always a str."""
+    """Garbage SSE (broken JSON, wrong types, bad escapes, split UTF-8) never raises nor yields impossible counts."""
     p = StreamUsageParser(api)
     for part in parts:
         p.feed(part)
@@ -331,8 +328,7 @@ times = st.datetimes(min_value=datetime(2025, 9, 1), max_value=datetime(2027, 12
     when=datetime(2026, 1, 1, tzinfo=UTC),
 )
 def test_fast_price_equals_calc_price(model: tuple[str, str], values: dict[str, int], when: datetime) -> None:
-    """For generated usages (cache reads/writes with TTLs, audio, reasoning, web searches, both sides of the 200k
-    tiers) at generated times, the fast price equals genai-prices' calc_price total to the Decimal."""
+    """Generated usages (caches, TTLs, audio, reasoning, searches, 200k tiers, any time) price as calc_price does."""
     provider, name = model
     usage = _usage(values)
     with warnings.catch_warnings():
@@ -373,8 +369,7 @@ weird_counts = st.one_of(
 def test_pricer_never_raises_or_goes_negative(
     model: tuple[str, str], core: list[Any], details: dict[str, Any], response_model: str | None
 ) -> None:
-    """No Usage, however malformed (negative, huge, NaN, wrong types, unknown keys), makes the pricer raise or
-    return a negative, NaN or infinite cost."""
+    """No malformed Usage (negative, huge, NaN, wrong types, unknown keys) makes the pricer raise or cost < 0 / NaN."""
     usage = Usage(*core, details=details, model=response_model)  # deliberately ill-typed
     p = PRICER.price(model[0], model[1], usage)
     if p is not None:

@@ -103,8 +103,7 @@ def test_anthropic_stream_equals_genai_prices_on_merged_usage() -> None:
 
 
 def test_compaction_stream_bills_the_sum_over_iterations() -> None:
-    """The compaction fixture is billed as the sum of its usage.iterations (README: compaction in 100, cache_read
-    55096, out 83; message in 181, out 8), not the top-level delta (181 in, 8 out) nor message_start's counts."""
+    """The compaction fixture bills the sum over usage.iterations, as its README line gives them, not the top level."""
     fx = fixture("anthropic-messages-stream-cache-compaction.json")
     iterations = fx.provider_usage["message_delta"]["iterations"]
     assert [(i["input_tokens"], i["cache_read_input_tokens"], i["output_tokens"]) for i in iterations] == [
