@@ -1,7 +1,7 @@
 """The price of one call in USD: genai-prices' rates (tiers and time-dependent prices honoured), or config overrides.
 
-Owns the fast path: genai-prices resolves a model's `ModelPrice` once per (provider, model, UTC day), compiled here
-into a plan that prices each call with the same Decimal operations as ``genai_prices.calc_price`` (equal results).
+Owns the fast path: a model's genai-prices `ModelPrice` is resolved once per (provider, model, UTC day) and compiled
+into a plan that prices each call in exact integer arithmetic, equal to ``genai_prices.calc_price``'s Decimal total.
 """
 
 from __future__ import annotations
