@@ -106,7 +106,10 @@ def main() -> None:
                 args.repeat,
             ),
         ]
-        print(f"{path.name:<46}{len(raw):>7}" + "".join(f"{v:>{w}.1f}" for v, w in zip(row, (13, 12, 13, 13, 8, 12))))
+        print(
+            f"{path.name:<46}{len(raw):>7}"
+            + "".join(f"{v:>{w}.1f}" for v, w in zip(row, (13, 12, 13, 13, 8, 12), strict=True))
+        )
 
     print("\nbody size (OpenAI chat, provider key order): extract_usage(bytes) vs json.loads + extraction (µs)")
     chat = json.loads((FIXTURES / "openai-chat-nonstream-usage.json").read_text())["response_body"]
