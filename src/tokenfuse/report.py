@@ -97,6 +97,8 @@ class ChargebackRow:
         output_tokens: billable output tokens.
         requests: billed requests.
         budget_usd: the department's monthly budget (department breakdown only; None = no budget).
+        utilization: cost / budget; on the total line, the budgeted departments' cost / the sum of their budgets
+            (departments without a budget are left out of both); None without a budget.
     """
 
     key: tuple[str, ...]
@@ -106,16 +108,12 @@ class ChargebackRow:
     output_tokens: int
     requests: int
     budget_usd: float | None = None
+    utilization: float | None = None
 
     @property
     def avg_cost_usd(self) -> float | None:
         """Cost per billed request; None without requests."""
         return self.cost_usd / self.requests if self.requests else None
-
-    @property
-    def utilization(self) -> float | None:
-        """Cost as a fraction of the budget; None without a budget."""
-        return self.cost_usd / self.budget_usd if self.budget_usd else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,11 +195,13 @@ def build_chargeback(
             output_tokens=int(v[2]),
             requests=int(v[3]),
             budget_usd=budget(k),
+            utilization=v[0] / b if (b := budget(k)) else None,
         )
         for k, v in sums.items()
     ]
     rows.sort(key=lambda r: (-r.cost_usd, r.key))
-    budgets = [r.budget_usd for r in rows if r.budget_usd is not None]
+    budgeted = [r for r in rows if r.budget_usd is not None]
+    budget_sum = math.fsum(r.budget_usd or 0.0 for r in budgeted)
     total = ChargebackRow(
         key=("TOTAL",),
         cost_usd=total_cost,
@@ -209,7 +209,8 @@ def build_chargeback(
         input_tokens=sum(r.input_tokens for r in rows),
         output_tokens=sum(r.output_tokens for r in rows),
         requests=sum(r.requests for r in rows),
-        budget_usd=math.fsum(budgets) if budgets else None,
+        budget_usd=budget_sum if budgeted else None,
+        utilization=math.fsum(r.cost_usd for r in budgeted) / budget_sum if budgeted else None,
     )
     return Chargeback(
         period=period.name,
@@ -299,7 +300,9 @@ def _plain(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.10g}" if abs(v) >= 1e-4 or v == 0 else f"{v:.6e}"
+        # Fixed point, not 1e-06: every spreadsheet locale imports it, and ten places keep sub-cent calls exact enough.
+        text = f"{v:.10f}".rstrip("0").rstrip(".")
+        return text if text not in ("", "-0") else "0"
     return str(v)
 
 
@@ -313,7 +316,9 @@ def _money(v: float | None, places: int = 2) -> str:
 
 
 def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v * 100:.1f}%"
+    if v is None:
+        return "-"
+    return "<0.1%" if 0 < v < 0.0005 else f"{v * 100:.1f}%"
 
 
 def _cells(report: Chargeback, row: ChargebackRow) -> list[str]:
