@@ -62,10 +62,10 @@ def free_port() -> int:
 
 
 def eventually(check: Callable[[], T | None], timeout: float, interval: float = 0.2, what: str = "condition") -> T:
-    """Call ``check`` until it returns something other than None (or False), and return that.
+    """Call ``check`` until it returns something truthy, and return that.
 
     Args:
-        check: returns the awaited value, or None / False while not there yet.
+        check: returns the awaited value, or something falsy (None, False, empty) while not there yet.
         timeout: seconds before giving up with ``AssertionError``.
         interval: seconds between calls.
         what: names the condition in the failure message.
@@ -73,7 +73,7 @@ def eventually(check: Callable[[], T | None], timeout: float, interval: float = 
     deadline = time.monotonic() + timeout
     while True:
         result = check()
-        if result is not None and result is not False:
+        if result:  # an empty list or dict means "not yet", like None and False
             return result
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
