@@ -26,6 +26,8 @@ __all__ = ["CallRecord", "Meter", "default_meter"]
 
 log = logging.getLogger("tokenfuse.exporter")
 
+_MAX_CACHED = 10_000  # label combinations are bounded, but a cache must be bounded on its own terms too
+
 
 @dataclass(frozen=True, slots=True)
 class CallRecord:
@@ -52,14 +54,21 @@ class CallRecord:
         return 0 if self.usage is None else self.usage.total_tokens
 
 
-class _Children:
-    __slots__ = ("cost", "input", "output", "requests")
+class _Series:
+    """Every labelled child one (labels, operation, response model) writes to, resolved once."""
 
-    def __init__(self, m: Metrics, key: tuple[str, ...]) -> None:
+    __slots__ = ("cost", "duration", "gen_input", "gen_output", "input", "output", "requests")
+
+    def __init__(self, m: Metrics, labels: CallLabels, operation: str, response_model: str) -> None:
+        key = labels.as_tuple()
         self.input = m.tokens.labels(*key, "input")
         self.output = m.tokens.labels(*key, "output")
         self.cost = m.cost.labels(*key)
         self.requests: dict[str, Any] = {}
+        gen = (operation, labels.provider, labels.model, response_model)
+        self.gen_input = m.gen_ai_tokens.labels(*gen, "input", labels.department)
+        self.gen_output = m.gen_ai_tokens.labels(*gen, "output", labels.department)
+        self.duration: dict[str, Any] = {}
 
 
 class Meter:
@@ -82,7 +91,8 @@ class Meter:
         self.metrics = Metrics(self.registry)
         self.bounds = LabelBounds(self.config)
         self.pricer = pricer if pricer is not None else Pricer(self.config.pricing.overrides)
-        self._children: dict[tuple[str, ...], _Children] = {}
+        self._series: dict[tuple[CallLabels, str, str], _Series] = {}
+        self._labels: dict[tuple[str | None, ...], CallLabels] = {}
         self._hist: dict[tuple[str, ...], Any] = {}
         self._listeners: list[Callable[[CallRecord], None]] = []
         self._lock = threading.Lock()
@@ -91,6 +101,7 @@ class Meter:
         """Adopt a new config (reload): label bounds and price overrides follow it; counters keep their values."""
         self.config = config
         self.bounds = LabelBounds(config)
+        self._labels = {}
         self.pricer = Pricer(config.pricing.overrides)
 
     def subscribe(self, listener: Callable[[CallRecord], None]) -> None:
@@ -106,10 +117,16 @@ class Meter:
         provider: str | None = None,
         model: str | None = None,
     ) -> CallLabels:
-        """Bound raw label values (see `LabelBounds`)."""
-        return self.bounds.labels(
-            department=department, project=project, environment=environment, provider=provider, model=model
-        )
+        """Bound raw label values (see `LabelBounds`); cached, as the same few combinations recur."""
+        raw = (department, project, environment, provider, model)
+        found = self._labels.get(raw)
+        if found is None:
+            found = self.bounds.labels(
+                department=department, project=project, environment=environment, provider=provider, model=model
+            )
+            if len(self._labels) < _MAX_CACHED:
+                self._labels[raw] = found
+        return found
 
     def price(self, provider: str, model: str, usage: Usage, request_model: str | None = None) -> tuple[float, bool]:
         """Cost of ``usage`` in USD and whether the model was priced; never raises."""
@@ -151,51 +168,52 @@ class Meter:
             error_type: OTel ``error.type`` (empty on success).
             now: UNIX time of the call (default: now).
         """
-        key = labels.as_tuple()
-        ch = self._children.get(key)
-        if ch is None:
+        resp_raw = (usage.model if usage is not None else None) or labels.model
+        skey = (labels, operation, resp_raw)
+        series = self._series.get(skey)
+        if series is None:
             with self._lock:
-                ch = self._children.get(key) or _Children(self.metrics, key)
-                self._children[key] = ch
-        req = ch.requests.get(outcome)
+                series = self._series.get(skey)
+                if series is None:
+                    resp_model = self.bounds.model(labels.provider, resp_raw)
+                    series = _Series(self.metrics, labels, operation, resp_model)
+                    if len(self._series) < _MAX_CACHED:
+                        self._series[skey] = series
+        req = series.requests.get(outcome)
         if req is None:
-            req = self.metrics.requests.labels(*key, outcome)
-            ch.requests[outcome] = req
+            req = self.metrics.requests.labels(*labels.as_tuple(), outcome)
+            series.requests[outcome] = req
         req.inc()
 
         cost = 0.0
         priced = True
-        req_model = request_model or labels.model
-        resp_model = (usage.model if usage is not None else None) or labels.model
         if usage is not None:
-            inp = max(int(usage.input_tokens), 0)
-            out = max(int(usage.output_tokens), 0)
+            inp = usage.input_tokens if type(usage.input_tokens) is int and usage.input_tokens > 0 else 0
+            out = usage.output_tokens if type(usage.output_tokens) is int and usage.output_tokens > 0 else 0
             if inp:
-                ch.input.inc(inp)
+                series.input.inc(inp)
             if out:
-                ch.output.inc(out)
+                series.output.inc(out)
             if inp or out or usage.details:
-                cost, priced = self.price(labels.provider, resp_model, usage, request_model=req_model)
+                cost, priced = self.price(labels.provider, resp_raw, usage, request_model=request_model or labels.model)
                 if cost:
-                    ch.cost.inc(cost)
+                    series.cost.inc(cost)
                 if not priced:
                     self._child(("unpriced", labels.provider, labels.model), self.metrics.unpriced, 2).inc()
             if usage.estimated:
                 self._child(("est", labels.department, labels.provider, labels.model), self.metrics.estimated, 3).inc()
-            rm = self.bounds.model(labels.provider, resp_model)
-            for ttype, n in (("input", inp), ("output", out)):
-                self._child(
-                    ("tok", operation, labels.provider, labels.model, rm, ttype, labels.department),
-                    self.metrics.gen_ai_tokens,
-                    6,
-                ).observe(n)
-        if duration is not None and math.isfinite(duration) and duration >= 0:
-            rm = self.bounds.model(labels.provider, resp_model)
-            self._child(
-                ("dur", operation, labels.provider, labels.model, rm, error_type),
-                self.metrics.gen_ai_duration,
-                5,
-            ).observe(duration)
+            series.gen_input.observe(inp)
+            if operation != "embeddings":  # embeddings produce no output tokens; an observed 0 would skew the histogram
+                series.gen_output.observe(out)
+        if duration is not None and duration >= 0 and math.isfinite(duration):
+            d = series.duration.get(error_type)
+            if d is None:
+                resp_model = self.bounds.model(labels.provider, resp_raw)
+                d = self.metrics.gen_ai_duration.labels(
+                    operation, labels.provider, labels.model, resp_model, error_type
+                )
+                series.duration[error_type] = d
+            d.observe(duration)
 
         rec = CallRecord(
             labels=labels,

@@ -9,7 +9,6 @@ httpx's): they derive from both packages' base classes and pick the default inne
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 import zlib
@@ -19,6 +18,7 @@ from typing import Any, Protocol
 
 import httpx
 import httpx2
+import orjson
 
 from tokenfuse.exporter.labels import CallLabels
 from tokenfuse.exporter.meter import CallRecord, Meter, default_meter
@@ -148,8 +148,16 @@ class _Observation:
         self.status = response.status_code
         if self.status >= 400:
             return
-        ctype = response.headers.get("content-type", "")
-        dec = _decoder(response.headers.get("content-encoding", ""))
+        ctype = ""
+        encoding = ""
+        # httpx's Headers.get decodes and scans every header per lookup; one pass over the raw pairs is cheaper.
+        for name, value in response.headers.raw:
+            lname = name.lower()
+            if lname == b"content-type":
+                ctype = value.decode("latin-1")
+            elif lname == b"content-encoding":
+                encoding = value.decode("latin-1")
+        dec = _decoder(encoding) if encoding else None
         self._decoder = dec
         if dec is False:
             return
@@ -319,10 +327,10 @@ class _Instrument:
                 content = b""
             if content and len(content) <= _MAX_JSON_BODY:
                 try:
-                    parsed = json.loads(content)
+                    parsed = orjson.loads(content)
                     if isinstance(parsed, dict):
                         body = parsed
-                except ValueError:
+                except orjson.JSONDecodeError:
                     body = None
             model = request_model(api, body, path) if body is not None else request_model(api, {}, path)
             over = _labels.get() or {}
