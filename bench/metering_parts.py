@@ -132,12 +132,15 @@ def main() -> None:
         api = APIS[fx["api"]]
         sep = "\r\n\r\n" if "\r\n\r\n" in fx["response_sse"] else "\n\n"
         events = [(e + sep).encode() for e in fx["response_sse"].split(sep) if e.strip()]
-        # A typical token chunk: a text delta from the middle of the stream.
-        token = max(
-            (e for e in events if b'"content":"' in e or b"_delta" in e or b'"text"' in e),
-            key=lambda e: -abs(len(e) - 400),
-            default=events[len(events) // 2],
-        )
+        # A typical token chunk: an event carrying one text delta, from the middle of the stream.
+        marker = {
+            "openai.chat": b'"content":"',
+            "openai.responses": b"output_text.delta",
+            "anthropic.messages": b"text_delta",
+            "google.generate_content": b'"text"',
+        }[api]
+        deltas = [e for e in events if marker in e]
+        token = deltas[len(deltas) // 2]
         p = StreamUsageParser(api)
         per_chunk = best_us(lambda p=p, c=token: p.feed(c), args.repeat)
         whole = b"".join(events)

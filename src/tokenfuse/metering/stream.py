@@ -155,9 +155,22 @@ class StreamUsageParser:
             return
         if type(chunk) is not bytes:
             chunk = bytes(chunk)
+        buf = self._buf
+        if (
+            not buf
+            and chunk[:6] == b"data: "
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk[-1] == 0x0A
+            and not self._cr
+            and not self._skipping
+            and b"\r" not in chunk
+        ):
+            # Exactly one single-line event ("data: {...}\n\n"), the shape of nearly every token chunk.
+            self.events += 1
+            self._on_data(chunk[6:-2])
+            return
         if self._cr or b"\r" in chunk:
             chunk = self._normalize(chunk)
-        buf = self._buf
         if buf:
             search_from = len(buf) - 1
             buf += chunk
