@@ -20,12 +20,12 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from yarl import URL
 
 from tokenfuse.config import UNASSIGNED, Config, Upstream
 from tokenfuse.exporter.labels import CallLabels
 from tokenfuse.exporter.meter import Meter
 from tokenfuse.gateway.errors import GatewayError, error_response
+from tokenfuse.gateway.upstream import Endpoint, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from tokenfuse.metering.estimate import estimate_prompt_tokens, estimate_usage, max_output_tokens
 from tokenfuse.metering.extract import extract_usage, request_model
 from tokenfuse.metering.stream import StreamUsageParser
@@ -157,7 +157,7 @@ class Gateway:
         self.meter = meter if meter is not None else Meter(config, self.registry)
         self.policy = policy
         self._environ = environ
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: UpstreamPool | None = None
         self.ready = False
         self._apply(config)
 
@@ -166,12 +166,8 @@ class Gateway:
         self.keys = config.key_index()
         self._key_cache: dict[str, str | None] = {}
         self._upstream_keys = {u.name: u.api_key(self._environ) for u in config.upstreams}
-        self._timeouts = {
-            u.name: aiohttp.ClientTimeout(total=None, sock_connect=u.connect_timeout, sock_read=u.timeout)
-            for u in config.upstreams
-        }
+        self._endpoints = {u.name: Endpoint.parse(u.base_url) for u in config.upstreams}
         self._route_cache: dict[str, Upstream | None] = {}
-        self._url_cache: dict[tuple[str, str], URL] = {}
 
     def reconfigure(self, config: Config) -> None:
         """Adopt a new config without dropping connections or state."""
@@ -181,16 +177,13 @@ class Gateway:
             self.policy.reconfigure(config)
 
     async def startup(self, app: web.Application) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar()
-        )
+        self.pool = UpstreamPool()
         self.ready = True
 
     async def cleanup(self, app: web.Application) -> None:
         self.ready = False
-        if self.session is not None:
-            await self.session.close()
+        if self.pool is not None:
+            await self.pool.close()
 
     # -- who pays -------------------------------------------------------------------------------------------
 
@@ -391,21 +384,12 @@ class Gateway:
                 h["x-tokenfuse-tokens-remaining-1h"] = str(max(int(admission.tokens_remaining), 0))
         return h
 
-    def _upstream_request(self, request: web.Request, upstream: Upstream) -> tuple[URL, dict[str, str]]:
+    def _upstream_request(self, request: web.Request, upstream: Upstream) -> tuple[Endpoint, str, dict[str, str]]:
+        ep = self._endpoints[upstream.name]
         path = request.path
-        qs = request.query_string
-        if qs:
-            suffix = path[3:] if path.startswith("/v1/") else path
-            url = URL(upstream.base_url + suffix + "?" + qs)
-        else:
-            # yarl parsing costs ~10 µs; the set of (upstream, route) pairs is small and fixed.
-            cache_key = (upstream.name, path)
-            cached = self._url_cache.get(cache_key)
-            if cached is None:
-                suffix = path[3:] if path.startswith("/v1/") else path
-                cached = URL(upstream.base_url + suffix)
-                self._url_cache[cache_key] = cached
-            url = cached
+        target = ep.base_path + (path[3:] if path.startswith("/v1/") else path)
+        if request.query_string:
+            target += "?" + request.query_string
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
         key = self._upstream_keys.get(upstream.name)
         if key:
@@ -414,7 +398,7 @@ class Gateway:
             else:
                 headers["Authorization"] = "Bearer " + key
         headers["Content-Type"] = "application/json"
-        return url, headers
+        return ep, target, headers
 
     async def _forward(
         self,
@@ -429,22 +413,24 @@ class Gateway:
         admission: Any,
         t0: float,
     ) -> web.StreamResponse:
-        assert self.session is not None
-        url, headers = self._upstream_request(request, upstream)
+        assert self.pool is not None
+        ep, target, headers = self._upstream_request(request, upstream)
         t_up = time.perf_counter()
         try:
-            up = await self.session.post(url, data=raw, headers=headers, timeout=self._timeouts[upstream.name])
-        except TimeoutError:
-            return self._upstream_failed(
-                labels, admission, 504, "upstream_timeout", f"upstream '{upstream.name}' timed out", t0
+            up = await self.pool.request(
+                ep, target, headers, raw, connect_timeout=upstream.connect_timeout, read_timeout=upstream.timeout
             )
-        except aiohttp.ClientError as e:
+        except UpstreamTimeout as e:
             return self._upstream_failed(
-                labels, admission, 502, "upstream_unreachable", f"upstream '{upstream.name}' unreachable: {e}", t0
+                labels, admission, 504, "upstream_timeout", f"upstream '{upstream.name}': {e}", t0
+            )
+        except UpstreamError as e:
+            return self._upstream_failed(
+                labels, admission, 502, "upstream_unreachable", f"upstream '{upstream.name}': {e}", t0
             )
         try:
-            ctype = up.headers.get("content-type", "")
-            resp_headers = {k: v for k, v in up.headers.items() if k.lower() not in _DROP_RESPONSE}
+            ctype = up.header("content-type")
+            resp_headers = {k: v for k, v in up.headers if k.lower() not in _DROP_RESPONSE}
             resp_headers.update(self._success_headers(labels, admission))
             if "text/event-stream" in ctype and up.status < 400:
                 return await self._stream(
@@ -452,12 +438,10 @@ class Gateway:
                 )
             try:
                 data = await up.read()
-            except TimeoutError:
-                return self._upstream_failed(labels, admission, 504, "upstream_timeout", "upstream timed out", t0)
-            except aiohttp.ClientError as e:
-                return self._upstream_failed(
-                    labels, admission, 502, "upstream_unreachable", f"upstream failed: {e}", t0
-                )
+            except UpstreamTimeout as e:
+                return self._upstream_failed(labels, admission, 504, "upstream_timeout", str(e), t0)
+            except UpstreamError as e:
+                return self._upstream_failed(labels, admission, 502, "upstream_unreachable", str(e), t0)
             t_back = time.perf_counter()
             status = up.status
         finally:
@@ -480,7 +464,7 @@ class Gateway:
         request: web.Request,
         api: Api,
         body: dict[str, Any],
-        up: aiohttp.ClientResponse,
+        up: UpstreamResponse,
         resp_headers: dict[str, str],
         labels: CallLabels,
         inject_usage: bool,
@@ -496,7 +480,7 @@ class Gateway:
         self.meter.metrics.overhead.labels("stream").observe(t_up - t0)
         try:
             await resp.prepare(request)
-            async for chunk in up.content.iter_any():
+            async for chunk in up.iter_chunks():
                 parser.feed(chunk)
                 out = filt.feed(chunk) if filt is not None else chunk
                 if out:
@@ -509,7 +493,7 @@ class Gateway:
                 rest = filt.flush()
                 if rest:
                     await resp.write(rest)
-        except (TimeoutError, aiohttp.ClientError):
+        except UpstreamError:
             upstream_failed = True
         except (ConnectionResetError, asyncio.CancelledError):
             client_gone = True
