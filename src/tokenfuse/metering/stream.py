@@ -156,19 +156,19 @@ class StreamUsageParser:
         if type(chunk) is not bytes:
             chunk = bytes(chunk)
         buf = self._buf
-        if (
-            not buf
-            and chunk[:6] == b"data: "
-            and chunk.find(b"\n") == len(chunk) - 2
-            and chunk[-1] == 0x0A
-            and not self._cr
-            and not self._skipping
-            and b"\r" not in chunk
-        ):
-            # Exactly one single-line event ("data: {...}\n\n"), the shape of nearly every token chunk.
-            self.events += 1
-            self._on_data(chunk[6:-2])
-            return
+        if not buf and chunk[-1] == 0x0A and not self._cr and not self._skipping and b"\r" not in chunk:
+            # Exactly one event per chunk, "data: {...}\n\n" (OpenAI, Gemini) or "event: x\ndata: {...}\n\n"
+            # (Anthropic, Responses): the shape of nearly every token chunk, read without splitting.
+            nl = chunk.find(b"\n")
+            end = len(chunk) - 2
+            if nl == end and chunk[:6] == b"data: ":
+                self.events += 1
+                self._on_data(chunk[6:-2])
+                return
+            if chunk[:6] == b"event:" and chunk[nl + 1 : nl + 7] == b"data: " and chunk.find(b"\n", nl + 1) == end:
+                self.events += 1
+                self._on_data(chunk[nl + 7 : -2])
+                return
         if self._cr or b"\r" in chunk:
             chunk = self._normalize(chunk)
         if buf:
