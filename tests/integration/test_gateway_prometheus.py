@@ -150,8 +150,10 @@ def test_two_replicas_share_fuse_through_prometheus(upstream: FakeUpstream, tmp_
             sent += 1
             time.sleep(0.25)
         assert t_blocked is not None, "the department was never blocked"
-        # Each replica alone saw about half the tokens; only the Prometheus sum can have tripped the fuse.
-        assert sent * 500 >= limit
+        # Each replica alone saw about half the tokens (under the limit); only the Prometheus sum can have tripped
+        # the fuse. increase() extrapolates over a short window, so the sum may read a little above the truth.
+        assert (sent // 2 + 1) * 500 < limit
+        assert sent * 500 >= 0.8 * limit
 
         def both_block() -> bool:
             return a.chat(usage=usage)[0] == 429 and b.chat(usage=usage)[0] == 429
