@@ -15,6 +15,7 @@ import sqlite3
 import threading
 from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Future
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,6 +111,101 @@ class _Window:
         return tokens, cost
 
 
+_INSERT_USAGE = (
+    "INSERT INTO usage (at, department, project, environment, provider, model, input_tokens, output_tokens, cost_usd,"
+    " outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_DONE: Future[None] = Future()
+_DONE.set_result(None)
+
+
+class _GroupCommit:
+    """Commits queued usage rows in batches on a thread of its own.
+
+    The gateway's event loop must not spend ~50 µs per call inside SQLite: rows queue here, one transaction commits
+    every row that queued meanwhile (sqlite3 releases the GIL while it writes), and each row's future completes
+    once its row is durable, so the gateway answers only after the spend is on disk.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._cond = threading.Condition()
+        self._rows: list[tuple[Any, ...]] = []
+        self._futures: list[Future[None]] = []
+        self._stop = False
+        self._last: Future[None] | None = None
+        # Its own connection, so a commit never holds the ledger's lock (which the event loop takes to read sums);
+        # WAL lets it write while the main connection reads. An in-memory ledger has only the one connection.
+        self._db: sqlite3.Connection | None = None
+        if ledger.path != ":memory:":
+            db = sqlite3.connect(ledger.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA busy_timeout = 5000")
+            db.execute("PRAGMA synchronous = NORMAL")
+            self._db = db
+        self._thread = threading.Thread(target=self._run, name="tokenfuse-ledger-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, row: tuple[Any, ...]) -> Future[None]:
+        fut: Future[None] = Future()
+        with self._cond:
+            if self._stop:
+                raise LedgerError("the ledger is closed")
+            self._rows.append(row)
+            self._futures.append(fut)
+            self._last = fut
+            self._cond.notify()
+        return fut
+
+    def flush(self) -> None:
+        """Wait until every row queued so far is committed."""
+        last = self._last
+        if last is not None:
+            last.exception(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._rows and not self._stop:
+                    self._cond.wait()
+                if not self._rows and self._stop:
+                    return
+                rows, futures = self._rows, self._futures
+                self._rows, self._futures = [], []
+            error: BaseException | None = None
+            try:
+                if self._db is not None:
+                    self._commit(self._db, rows)
+                else:
+                    with self._ledger._lock:
+                        self._commit(self._ledger._conn(), rows)
+            except BaseException as e:  # the futures carry it to whoever waits for durability
+                error = e
+            for f in futures:
+                if error is None:
+                    f.set_result(None)
+                else:
+                    f.set_exception(error)
+
+    @staticmethod
+    def _commit(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        db.execute("BEGIN")
+        try:
+            db.executemany(_INSERT_USAGE, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the thread."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        if self._db is not None:
+            self._db.close()
+
+
 class Ledger:
     """Usage rows, fuse snapshots and override audit of one process, persisted in SQLite.
 
@@ -128,6 +224,7 @@ class Ledger:
         self._windows: dict[str, _Window] = {}
         self._months: dict[tuple[str, str], list[float]] = {}
         self._period: Period | None = None
+        self._writer: _GroupCommit | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -169,8 +266,16 @@ class Ledger:
             self._db = db
             self._rebuild(now)
 
+    def flush(self) -> None:
+        """Wait until every queued row is committed (reads that scan the file call this first)."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
-        """Close the file; everything recorded is already committed."""
+        """Close the file; everything recorded is committed first."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
         with self._lock:
             if self._db is not None:
                 self._db.close()
@@ -184,6 +289,7 @@ class Ledger:
             window_seconds: the rolling window.
             now: UNIX time.
         """
+        self.flush()
         with self._lock:
             changed = zone != self.zone or float(window_seconds) != self.window_seconds
             self.zone = zone
@@ -223,7 +329,7 @@ class Ledger:
     # -- writing -----------------------------------------------------------------------------------------
 
     def record(self, rec: CallRecord) -> bool:
-        """Store one metered call (what the meter passes to its listeners).
+        """Store one metered call (what the meter passes to its listeners) and commit it.
 
         Args:
             rec: the call; one without usage consumed nothing and is not stored.
@@ -231,10 +337,24 @@ class Ledger:
         Returns:
             True when a row was written.
         """
+        return self._record(rec, wait=True) is not None
+
+    def record_queued(self, rec: CallRecord) -> Future[None] | None:
+        """Store one metered call through the group commit: in memory now, on disk within milliseconds.
+
+        Args:
+            rec: the call; one without usage consumed nothing and is not stored.
+
+        Returns:
+            A future that completes when the row is durable, or None when nothing was stored.
+        """
+        return self._record(rec, wait=False)
+
+    def _record(self, rec: CallRecord, *, wait: bool) -> Future[None] | None:
         if rec.usage is None:
-            return False
+            return None
         lab = rec.labels
-        self.add(
+        fut = self.add(
             at=rec.at,
             department=lab.department,
             project=lab.project,
@@ -245,8 +365,9 @@ class Ledger:
             output_tokens=max(int(rec.usage.output_tokens), 0),
             cost_usd=rec.cost_usd,
             outcome=rec.outcome,
+            wait=wait,
         )
-        return True
+        return fut if fut is not None else _DONE
 
     def add(
         self,
@@ -261,8 +382,9 @@ class Ledger:
         provider: str = "unknown",
         model: str = "unknown",
         outcome: str = "success",
-    ) -> None:
-        """Store one call's usage and commit it.
+        wait: bool = True,
+    ) -> Future[None] | None:
+        """Store one call's usage and commit it (or queue it for the group commit).
 
         Args:
             at: UNIX time of the call.
@@ -275,14 +397,26 @@ class Ledger:
             provider: provider label.
             model: model label.
             outcome: request outcome.
+            wait: commit before returning (default); False queues the row and returns a future that completes
+                when it is durable.
+
+        Returns:
+            The durability future when ``wait`` is False, else None.
         """
         cost = cost_usd if math.isfinite(cost_usd) and cost_usd > 0 else 0.0
+        row = (at, department, project, environment, provider, model, input_tokens, output_tokens, cost, outcome)
+        fut: Future[None] | None = None
+        if not wait:
+            if self._writer is None:
+                self._conn()  # raises LedgerError when not open
+                self._writer = _GroupCommit(self)
+            # Load the month's sums before the row can be in flight: a later load from the file would miss a row
+            # still queued, so every month with queued rows must already be cached (this row is added below).
+            self.month_usage(department, self._period_of(at))
+            fut = self._writer.submit(row)
         with self._lock:
-            self._conn().execute(
-                "INSERT INTO usage (at, department, project, environment, provider, model, input_tokens,"
-                " output_tokens, cost_usd, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (at, department, project, environment, provider, model, input_tokens, output_tokens, cost, outcome),
-            )
+            if wait:
+                self._conn().execute(_INSERT_USAGE, row)
             tokens = input_tokens + output_tokens
             self._window(department).add(at, tokens, cost)
             key = (self._period_of(at).name, department)
@@ -291,6 +425,7 @@ class Ledger:
             if month is not None:
                 month[0] += tokens
                 month[1] += cost
+        return fut
 
     def save_fuse(self, department: str, snapshot: dict[str, Any], now: float) -> None:
         """Persist a fuse's state.
@@ -441,6 +576,7 @@ class Ledger:
     # -- reports -----------------------------------------------------------------------------------------
 
     def _query(self, sql: str, args: Iterable[Any]) -> list[Any]:
+        self.flush()  # report queries must see rows still queued for the group commit
         with self._lock:
             return self._conn().execute(sql, tuple(args)).fetchall()
 
