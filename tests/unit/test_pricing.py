@@ -236,3 +236,23 @@ def test_slow_path_passes_only_usage_keys_genai_prices_takes() -> None:
         warnings.simplefilter("error")
         p = Pricer().price("elevenlabs", "eleven_realtime_v1_max", usage, NOON)
     _assert_equal(p, _genai("elevenlabs", "eleven_realtime_v1_max", Usage(1000, 10)))
+
+
+@pytest.mark.parametrize(
+    ("provider", "model"),
+    [("openai", "gpt-4o"), ("openai", "gpt-4.1-mini"), ("anthropic", "claude-sonnet-4-5"), ("google", "gemini-2.5-pro"),
+     ("deepseek", "deepseek-chat"), ("openai", "no-such-model")],
+)  # fmt: skip
+def test_worst_case_equals_full_price(provider: str, model: str) -> None:
+    """Admission's cached affine worst case equals the full pricer, tiers (200k+ prompts) included."""
+    pricer = Pricer()
+    for inp, out in [(0, 0), (1, 1), (1200, 4096), (150_000, 8000), (250_000, 1000), (999_999, 0)]:
+        p = pricer.price(provider, model, Usage(input_tokens=inp, output_tokens=out))
+        expected = p.total_usd if p is not None else 0.0
+        assert pricer.worst_case_usd(provider, model, inp, out) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_worst_case_uses_overrides() -> None:
+    """An override's rates drive the worst case too."""
+    pricer = Pricer({"deepseek-v3.2": PriceOverride(input=0.10, output=0.42)})
+    assert pricer.worst_case_usd("deepseek", "deepseek-v3.2", 1_000_000, 1_000_000) == pytest.approx(0.52)

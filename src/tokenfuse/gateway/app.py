@@ -519,7 +519,7 @@ class Gateway:
         if self.policy is not None:
             fut = self.policy.durable()
             if fut is not None:
-                await asyncio.wrap_future(fut)
+                await fut
 
     def _finish(
         self,

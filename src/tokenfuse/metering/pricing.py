@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -270,6 +271,7 @@ class Pricer:
         self._models: dict[tuple[str, str], _Model | None] = {}
         self._override_ids: dict[str, dict[str, str]] = {}
         self._logged: set[tuple[str, str, str]] = set()
+        self._affine: dict[tuple[str, str, int], tuple[float, float, float] | Literal[False]] = {}
 
     # -- public ---------------------------------------------------------------------------------------------------
 
@@ -300,8 +302,37 @@ class Pricer:
             input_tokens: estimated prompt tokens.
             output_tokens: the most output the request allows.
         """
-        p = self.price(provider, model, Usage(input_tokens=_count(input_tokens), output_tokens=_count(output_tokens)))
-        return p.total_usd if p is not None else 0.0
+        inp, out = _count(input_tokens), _count(output_tokens)
+        # Admission prices every request; without tiers the price is affine in (input, output), so its three
+        # coefficients are found once per model and hour (hour: some providers price by time of day).
+        key = (provider, model, int(time.time() // 3600))
+        coef = self._affine.get(key)
+        if coef is None:
+            coef = self._affine_coefficients(provider, model)
+            if len(self._affine) > 10_000:
+                self._affine.clear()
+            self._affine[key] = coef
+        if coef is False:
+            p = self.price(provider, model, Usage(input_tokens=inp, output_tokens=out))
+            return p.total_usd if p is not None else 0.0
+        c0, a, b = coef
+        return c0 + a * inp + b * out
+
+    def _affine_coefficients(self, provider: str, model: str) -> tuple[float, float, float] | Literal[False]:
+        """``(constant, per input token, per output token)``, or False when tiers make the price non-affine."""
+        override = self._override_for(provider, model) if self._overrides and model else None
+        resolved = self._resolve(provider, model) if model and override is None else None
+        if resolved is not None:
+            plan = resolved.plan(resolved.model_price(_utc(None)))
+            if plan is None or plan.has_tiers:
+                return False
+        prices = [
+            self.price(provider, model, Usage(input_tokens=i, output_tokens=o)) for i, o in ((0, 0), (1, 0), (0, 1))
+        ]
+        if any(p is None for p in prices):
+            return (0.0, 0.0, 0.0)
+        c0, c_in, c_out = (p.total_usd for p in prices if p is not None)
+        return (c0, c_in - c0, c_out - c0)
 
     # -- internals ------------------------------------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -151,8 +150,9 @@ class PolicyEngine:
         source: where usage comes from; default from ``policy.source`` (a `LocalSource` over the ledger at
             ``policy.state_path``, or a `PrometheusSource`).
         clock: UNIX time; tests pass a fake.
-        group_commit: queue ledger writes to a writer thread that commits them in batches (the gateway); callers
-            then wait on `durable` before acknowledging a call. Default: commit each record before returning.
+        group_commit: on an event loop, the rows of the calls that finish in one loop iteration commit in one
+            transaction (the gateway); callers await `durable` before acknowledging a call. Default: commit each
+            record before returning.
     """
 
     def __init__(
@@ -167,7 +167,7 @@ class PolicyEngine:
         self.config = config
         self.meter = meter
         self._group_commit = group_commit
-        self._durable: Future[None] | None = None
+        self._durable: asyncio.Future[None] | None = None
         self.metrics = meter.metrics
         self._clock = clock
         pol = config.policy
@@ -613,7 +613,7 @@ class PolicyEngine:
         if r.probe_epoch is not None:
             d.fuse.probe_done(r.probe_epoch)
 
-    def durable(self) -> Future[None] | None:
+    def durable(self) -> asyncio.Future[None] | None:
         """A future that completes once every call recorded so far is committed (None: nothing is pending).
 
         Only meaningful with ``group_commit``; without it every record is committed before `settle` runs.
