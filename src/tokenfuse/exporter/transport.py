@@ -214,7 +214,13 @@ class _Observation:
             if self._parser is not None:
                 usage = self._parser.result()
                 if usage is None:
-                    usage = estimate_usage(self.api, self.request_json, self._parser.output_text, self.request_model)
+                    usage = estimate_usage(
+                        self.api,
+                        self.request_json,
+                        self._parser.output_text,
+                        self.request_model,
+                        output_chars=self._parser.output_chars,
+                    )
             elif self._body is not None:
                 usage = extract_usage(self.api, b"".join(self._body))
                 if usage is None:

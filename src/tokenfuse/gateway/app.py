@@ -501,7 +501,7 @@ class Gateway:
         finally:
             usage = parser.result()
             if usage is None:
-                usage = estimate_usage(api, body, parser.output_text, labels.model)
+                usage = estimate_usage(api, body, parser.output_text, labels.model, output_chars=parser.output_chars)
             error = "client_closed" if client_gone else ("stream_cut" if upstream_failed else "")
             self._finish(labels, api, usage, "success", admission, t0, error)
         if upstream_failed and request.transport is not None:
