@@ -108,10 +108,15 @@ async def ttfc(url: str, headers: dict[str, str], n: int) -> float:
     return statistics.median(samples)
 
 
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--enforce", action="store_true", help="run the policy engine (local ledger) in the gateway")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating direct/gateway runs per setting (medians)")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk", file=sys.stderr)
@@ -152,12 +157,16 @@ def main() -> int:
         for c in (1, 32):
             wrk(direct, c, 2, {})  # warm-up
             wrk(via, c, 2, auth)
-            d = wrk(direct, c, args.duration, {})
-            g = wrk(via, c, args.duration, auth)
+            # This VM's speed drifts by 2x over minutes: alternate direct and gateway runs and take medians,
+            # so a slow spell hits both sides.
+            ds, gs = [], []
+            for _ in range(args.rounds):
+                ds.append(wrk(direct, c, args.duration, {}))
+                gs.append(wrk(via, c, args.duration, auth))
             peak = max(peak, rss_mb(procs[1].pid)[1])
-            rows.append((c, d, g))
-        t_direct = asyncio.run(ttfc(direct, {}, 200))
-        t_via = asyncio.run(ttfc(via, auth, 200))
+            rows.append((c, _median(ds), _median(gs)))
+        t_direct = statistics.median(asyncio.run(ttfc(direct, {}, 200)) for _ in range(args.rounds))
+        t_via = statistics.median(asyncio.run(ttfc(via, auth, 200)) for _ in range(args.rounds))
         rss, hwm = rss_mb(procs[1].pid)
     finally:
         for p in procs:
@@ -165,7 +174,8 @@ def main() -> int:
         for p in procs:
             p.wait(timeout=10)
     mode = "enforce (local ledger)" if args.enforce else "meter only"
-    print(f"\ngateway benchmark ({mode}), {args.duration:g} s per run, wrk -t1, {time.strftime('%Y-%m-%d')}")
+    print(f"\ngateway benchmark ({mode}), medians of {args.rounds} alternating {args.duration:g} s runs, wrk -t1, "
+          f"{time.strftime('%Y-%m-%d')}")  # fmt: skip
     print(f"{'conc':>4} | {'direct rps':>10} | {'gw rps':>8} | {'gw/direct':>9} | {'direct p50':>10} | {'gw p50':>8} | "
           f"{'added p50':>9} | {'direct p99':>10} | {'gw p99':>8}")  # fmt: skip
     for c, d, g in rows:
@@ -173,7 +183,7 @@ def main() -> int:
             f"{c:>4} | {d['rps']:>10.0f} | {g['rps']:>8.0f} | {g['rps'] / d['rps']:>8.0%} | {d['p50']:>8.2f}ms | "
             f"{g['p50']:>6.2f}ms | {g['p50'] - d['p50']:>7.2f}ms | {d['p99']:>8.2f}ms | {g['p99']:>6.2f}ms"
         )
-    print(f"time to first chunk (stream, c=1, median of 200): direct {t_direct:.2f} ms, gateway {t_via:.2f} ms, "
+    print(f"time to first chunk (stream, c=1, median of {args.rounds} x 200): direct {t_direct:.2f} ms, gateway {t_via:.2f} ms, "
           f"added {t_via - t_direct:.2f} ms")  # fmt: skip
     print(f"gateway RSS after load: {rss:.0f} MB (peak {max(hwm, peak):.0f} MB)")
     return 0
