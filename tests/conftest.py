@@ -67,10 +67,15 @@ def fake_config(upstream_url: str, tmp_path: Path | None = None, **sections: Any
 
 
 def require_binary(name: str) -> str:
-    """Path of a binary the test needs; under CI=true a missing one fails the test instead of skipping it."""
-    path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
+    """Return the path of an executable, or end the test: fail when ``CI=true``, skip otherwise.
+
+    Args:
+        name: the executable, e.g. ``prometheus``, ``promtool``, ``amtool``, ``prometheus-alertmanager``.
+    """
+    path = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
     if path is None:
+        message = f"{name} not found: install it (Debian: apt-get install prometheus prometheus-alertmanager)"
         if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is not installed; CI must install it (.ci/run installs the Debian packages)")
-        pytest.skip(f"{name} not installed")
+            pytest.fail(message)
+        pytest.skip(message)
     return path

@@ -6,8 +6,6 @@ the scrape target itself, run them with ``await asyncio.to_thread(...)`` so the 
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +17,9 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
-import pytest
 import yaml
+
+from conftest import require_binary
 
 __all__ = [
     "Alertmanager",
@@ -37,21 +36,6 @@ _S = TypeVar("_S", bound="_Server")
 
 _START_ATTEMPTS = 3  # a port picked free can be taken before the process binds it
 _STOP_GRACE = 10.0
-
-
-def require_binary(name: str) -> str:
-    """Return the path of an executable, or end the test: fail when ``CI=true``, skip otherwise.
-
-    Args:
-        name: the executable, e.g. ``prometheus``, ``promtool``, ``amtool``, ``prometheus-alertmanager``.
-    """
-    path = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
-    if path is None:
-        message = f"{name} not found: install it (Debian: apt-get install prometheus prometheus-alertmanager)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def free_port() -> int:

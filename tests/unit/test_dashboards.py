@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -15,6 +13,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from conftest import require_binary
 from tokenfuse.cli import main as cli_main
 from tokenfuse.config import AlertingConfig, Config, load_config, parse_config
 from tokenfuse.dashboards import (
@@ -153,15 +152,6 @@ def contract_problems(expr_text: str) -> list[str]:
 
     promql.walk(expr, check_grouping)
     return problems
-
-
-def _require_binary(name: str) -> str:
-    path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is not installed; CI must install it")
-        pytest.skip(f"{name} not installed")
-    return path
 
 
 # --- generated files -------------------------------------------------------------------------------------------
@@ -439,7 +429,7 @@ def test_department_dashboard_filters_every_selector_by_the_department_variable(
 
 def test_promtool_parses_every_expr(tmp_path: Path, dashboards: dict[str, dict[str, Any]]) -> None:
     """Prometheus' own parser (promtool check rules) accepts every panel query, variables substituted."""
-    promtool = _require_binary("promtool")
+    promtool = require_binary("promtool")
     rules = [
         {"record": f"tokenfuse_dashboard_check:expr_{i}", "expr": expr}
         for i, (_, _, expr) in enumerate(_all_targets(dashboards))

@@ -381,22 +381,8 @@ class _Instrument:
         raise policy.refusal(admission)
 
 
-class MeteredTransport(httpx.BaseTransport, httpx2.BaseTransport):
-    """An httpx (or httpx2) transport that meters the LLM calls passing through it.
-
-    Give it to ``httpx.Client(transport=...)`` or ``httpx2.Client(transport=...)``; the official ``openai`` and
-    ``anthropic`` SDKs take such a client as ``http_client``.
-
-    Args:
-        transport: the transport to wrap (default: the HTTP transport of the client's package, made on first use).
-        department: department the calls are billed to (override per call with `labels`).
-        project: project label.
-        environment: environment label.
-        provider: genai-prices provider id; default: inferred from the host and API shape.
-        meter: where to record (default: the process-wide meter on the global registry).
-        policy: a `tokenfuse.policies.PolicyEngine` on the same meter: calls its department may not make raise
-            `tokenfuse.BudgetExceeded` before anything is sent.
-    """
+class _Metered:
+    """The arguments both transports take (documented on `MeteredTransport`)."""
 
     def __init__(
         self,
@@ -418,6 +404,24 @@ class MeteredTransport(httpx.BaseTransport, httpx2.BaseTransport):
             provider=provider,
             policy=policy,
         )
+
+
+class MeteredTransport(_Metered, httpx.BaseTransport, httpx2.BaseTransport):
+    """An httpx (or httpx2) transport that meters the LLM calls passing through it.
+
+    Give it to ``httpx.Client(transport=...)`` or ``httpx2.Client(transport=...)``; the official ``openai`` and
+    ``anthropic`` SDKs take such a client as ``http_client``.
+
+    Args:
+        transport: the transport to wrap (default: the HTTP transport of the client's package, made on first use).
+        department: department the calls are billed to (override per call with `labels`).
+        project: project label.
+        environment: environment label.
+        provider: genai-prices provider id; default: inferred from the host and API shape.
+        meter: where to record (default: the process-wide meter on the global registry).
+        policy: a `tokenfuse.policies.PolicyEngine` on the same meter: calls its department may not make raise
+            `tokenfuse.BudgetExceeded` before anything is sent.
+    """
 
     def _transport(self, request: Any) -> Any:
         if self._inner is None:
@@ -448,29 +452,8 @@ class MeteredTransport(httpx.BaseTransport, httpx2.BaseTransport):
             self._inner.close()
 
 
-class AsyncMeteredTransport(httpx.AsyncBaseTransport, httpx2.AsyncBaseTransport):
+class AsyncMeteredTransport(_Metered, httpx.AsyncBaseTransport, httpx2.AsyncBaseTransport):
     """The asyncio twin of `MeteredTransport` (same arguments; for ``httpx.AsyncClient`` / ``httpx2.AsyncClient``)."""
-
-    def __init__(
-        self,
-        transport: Any = None,
-        *,
-        department: str | None = None,
-        project: str | None = None,
-        environment: str | None = None,
-        provider: str | None = None,
-        meter: Meter | None = None,
-        policy: Enforcer | None = None,
-    ) -> None:
-        self._inner: Any = transport
-        self._instrument = _Instrument(
-            meter=meter,
-            department=department,
-            project=project,
-            environment=environment,
-            provider=provider,
-            policy=policy,
-        )
 
     def _transport(self, request: Any) -> Any:
         if self._inner is None:
