@@ -32,3 +32,28 @@ def test_demo_cli_exits_cleanly() -> None:
                        text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "final:" in r.stdout
+
+
+def test_demo_stops_cleanly_on_ctrl_c() -> None:
+    """Ctrl-C (SIGINT) ends the demo with exit 0, the final table and no traceback."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "tokenfuse.cli", "demo"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert p.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if "Ctrl-C stops" in line:
+                break
+        time.sleep(1.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert "final:" in out
+    assert "Traceback" not in err

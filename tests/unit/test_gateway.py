@@ -345,3 +345,26 @@ async def test_metrics_health_and_models(stack: Stack) -> None:
             assert "claude-*" in ids
         async with s.get(stack.url + "/nope") as r:
             assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_route"
+
+
+async def test_stream_chunks_pass_through_without_buffering(tmp_path: Path) -> None:
+    """The client gets the first SSE chunk while the upstream is still streaming: nothing waits for the whole body."""
+    async with FakeUpstream(chunk_delay=0.1) as upstream:
+        cfg = fake_config(upstream.url, tmp_path)
+        async with GatewayServer(cfg, port=0, registry=CollectorRegistry(), environ=ENV, enforce=False) as server:
+            body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10, "stream": True}
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(
+                    server.url + "/v1/chat/completions",
+                    json=body,
+                    headers={"Authorization": f"Bearer {KEYS['support']}"},
+                ) as r,
+            ):
+                first = await r.content.readany()
+                assert first.startswith(b"data: ")
+                # 10 tokens 0.1 s apart: the upstream has not reached its final (usage) chunk yet.
+                assert upstream.requests[-1].usage is None
+                rest = await r.read()
+            assert rest.rstrip().endswith(b"data: [DONE]")
+            assert upstream.requests[-1].usage is not None
