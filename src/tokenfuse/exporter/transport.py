@@ -166,6 +166,17 @@ class _Observation:
         else:
             self._body = []
 
+    def attach(self, response: Any, stream_cls: type[Any]) -> Any:
+        """Observe ``response``: its stream is wrapped so the bytes are seen as the app reads them."""
+        self.on_response(response)
+        if response.is_stream_consumed:
+            # Already read (e.g. a mock transport's response): its content is decoded and complete.
+            self.feed(response.content, decoded=True)
+            self.finish()
+            return response
+        response.stream = stream_cls(response.stream, self)
+        return response
+
     def feed(self, chunk: bytes, decoded: bool = False) -> None:
         try:
             if self._decoder and not decoded:
@@ -438,14 +449,7 @@ class MeteredTransport(_Metered, httpx.BaseTransport, httpx2.BaseTransport):
         except BaseException as e:
             obs.finish(e)
             raise
-        obs.on_response(response)
-        if response.is_stream_consumed:
-            # Already read (e.g. a mock transport's response): its content is decoded and complete.
-            obs.feed(response.content, decoded=True)
-            obs.finish()
-            return response
-        response.stream = _SyncObservedStream(response.stream, obs)
-        return response
+        return obs.attach(response, _SyncObservedStream)
 
     def close(self) -> None:
         if self._inner is not None:
@@ -472,13 +476,7 @@ class AsyncMeteredTransport(_Metered, httpx.AsyncBaseTransport, httpx2.AsyncBase
         except BaseException as e:
             obs.finish(e)
             raise
-        obs.on_response(response)
-        if response.is_stream_consumed:
-            obs.feed(response.content, decoded=True)
-            obs.finish()
-            return response
-        response.stream = _AsyncObservedStream(response.stream, obs)
-        return response
+        return obs.attach(response, _AsyncObservedStream)
 
     async def aclose(self) -> None:
         if self._inner is not None:
