@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -251,7 +252,7 @@ class Gateway:
                 raise _too_large(max_body)
             raw = await _read_body(request, max_body)
             try:
-                body = json.loads(raw)
+                body = _loads(raw)
             except (ValueError, UnicodeDecodeError):
                 raise GatewayError(
                     400, "The request body is not valid JSON.", "invalid_request_error", "invalid_json"
@@ -276,7 +277,7 @@ class Gateway:
                     inject_usage = True
                     edited = True
             if edited:
-                raw = json.dumps(body, separators=(",", ":")).encode()
+                raw = _dumps(body)
         except GatewayError as e:
             self._count_refused(dept, None, None, model, e.outcome)
             return e.response()
@@ -581,6 +582,20 @@ class Gateway:
         return error_response(
             404, f"Unknown route {request.method} {request.path}.", "invalid_request_error", "unknown_route"
         )
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)  # what orjson refuses but Python accepts (integers beyond 64 bits, NaN)
+
+
+def _dumps(body: Any) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # orjson.JSONEncodeError: e.g. an integer beyond 64 bits
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
