@@ -287,3 +287,21 @@ def test_garbage_responses_never_raise_into_the_app(body: bytes, ctype: str, pat
         for s in fam.samples:
             assert s.value == s.value and s.value >= 0, s  # no NaN, no negative
     assert value(reg, "tokenfuse_requests_total") == 1
+
+
+def test_start_metrics_server_serves_the_registry(meter: Meter, reg: CollectorRegistry) -> None:
+    """start_metrics_server exposes what the meter recorded on a loopback port, and can be shut down."""
+    import urllib.request
+
+    labels = meter.labels(department="marketing", provider="openai", model="gpt-4o")
+    meter.record(labels, usage=tokenfuse.Usage(input_tokens=7, output_tokens=3), outcome="success")
+    server, thread = tokenfuse.start_metrics_server(0, registry=reg)
+    try:
+        port = server.server_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'tokenfuse_tokens_total{department="marketing"' in text
+        assert "} 7.0" in text
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
