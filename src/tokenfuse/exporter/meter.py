@@ -67,7 +67,10 @@ class _Series:
         self.requests: dict[str, Any] = {}
         gen = (operation, labels.provider, labels.model, response_model)
         self.gen_input = m.gen_ai_tokens.labels(*gen, "input", labels.department)
-        self.gen_output = m.gen_ai_tokens.labels(*gen, "output", labels.department)
+        # Embeddings produce no output tokens: no output series at all, rather than a histogram of zeros.
+        self.gen_output = (
+            None if operation == "embeddings" else m.gen_ai_tokens.labels(*gen, "output", labels.department)
+        )
         self.duration: dict[str, Any] = {}
 
 
@@ -203,7 +206,7 @@ class Meter:
             if usage.estimated:
                 self._child(("est", labels.department, labels.provider, labels.model), self.metrics.estimated, 3).inc()
             series.gen_input.observe(inp)
-            if operation != "embeddings":  # embeddings produce no output tokens; an observed 0 would skew the histogram
+            if series.gen_output is not None:
                 series.gen_output.observe(out)
         if duration is not None and duration >= 0 and math.isfinite(duration):
             d = series.duration.get(error_type)
