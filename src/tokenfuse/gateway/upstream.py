@@ -87,6 +87,62 @@ class _Conn:
         self.writer.close()
 
 
+class _ChunkedDecoder:
+    """Incremental decoder of an HTTP/1.1 chunked body (RFC 9112 §7.1); trailers are read and dropped."""
+
+    __slots__ = ("_buf", "_need", "done", "rest")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._need = -1  # bytes of chunk data still to come (+2 for its CRLF); -1: a size line is next
+        self.done = False
+        self.rest = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """Decode ``data``; returns the payload bytes it completes (possibly empty)."""
+        buf = self._buf + data if self._buf else data
+        out: list[bytes] = []
+        pos = 0
+        n = len(buf)
+        while pos < n and not self.done:
+            if self._need == -1:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    if n - pos > 4096:
+                        raise ValueError("chunk size line too long")
+                    break
+                size = int(buf[pos:eol].split(b";", 1)[0].strip(), 16)
+                pos = eol + 2
+                if size == 0:
+                    self._need = -2  # trailers until an empty line
+                    continue
+                self._need = size + 2
+            elif self._need == -2:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                if eol == pos:
+                    self.done = True
+                pos = eol + 2
+            else:
+                take = min(self._need, n - pos)
+                payload = self._need - 2  # data bytes still owed before the CRLF
+                if payload > 0:
+                    out.append(buf[pos : pos + min(take, payload)])
+                self._need -= take
+                pos += take
+                if self._need == 0:
+                    self._need = -1
+        if self.done:
+            self.rest = buf[pos:]
+            self._buf = b""
+        else:
+            self._buf = buf[pos:]
+        if not out:
+            return b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
 class UpstreamResponse:
     """An upstream response whose head has arrived; read the body with `read` or `iter_chunks`, then `release`.
 
@@ -173,17 +229,19 @@ class UpstreamResponse:
         timeout = self._read_timeout
         try:
             if self._chunked:
-                while True:
+                # Read whatever has arrived and decode every complete chunk in it: a burst of SSE events goes on
+                # to the client as one write instead of one write (and one wake-up of the client) per event.
+                decoder = _ChunkedDecoder()
+                while not decoder.done:
                     async with asyncio.timeout(timeout):
-                        line = await reader.readuntil(b"\r\n")
-                        size = int(line.split(b";", 1)[0].strip(), 16)
-                        if size == 0:
-                            while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
-                                pass
-                            break
-                        data = await reader.readexactly(size)
-                        await reader.readexactly(2)
-                    yield data
+                        raw = await reader.read(_READ_SIZE)
+                    if not raw:
+                        raise UpstreamError("upstream closed the connection mid-body")
+                    data = decoder.feed(raw)
+                    if decoder.done and decoder.rest:
+                        raise UpstreamError("upstream sent bytes after the end of a chunked body")
+                    if data:
+                        yield data
             elif self._length is not None:
                 left = self._length
                 while left > 0:
