@@ -225,3 +225,36 @@ def test_month_totals_equal_the_sum_of_recorded_calls(ledger: Ledger) -> None:
     assert sum(r["tokens"] for r in rows) == 150
     assert sum(r["requests"] for r in rows) == 5
     assert sum(r["cost_usd"] for r in rows) == pytest.approx(sum(costs), rel=1e-12)
+
+
+async def test_group_commit_rows_are_durable_when_their_future_completes(tmp_path: Path) -> None:
+    """Rows queued in one loop iteration count in memory at once and commit together before their futures complete."""
+    from tokenfuse.exporter.meter import CallRecord
+
+    path = tmp_path / "gc.db"
+    lg = Ledger(path, zone=TOKYO, window_seconds=3600)
+    lg.open(1_000_000.0)
+    meter = Meter(parse_config({"departments": {"ops": {}}}), CollectorRegistry())
+    labels = meter.labels(department="ops", provider="openai", model="gpt-4o")
+    futures = []
+    for i in range(50):
+        rec = CallRecord(labels, Usage(input_tokens=10, output_tokens=5), 0.01, "success", 1_000_000.0 + i)
+        futures.append(lg.record_queued(rec))
+    assert lg.window_tokens("ops", 1_000_100.0) == 750  # counted in memory before the commit
+    other = sqlite3.connect(path)
+    assert other.execute("SELECT COUNT(*) FROM usage").fetchone() == (0,)  # not yet on disk
+    assert not any(f is not None and f.done() for f in futures)
+    for f in futures:
+        assert f is not None
+        await f
+    assert other.execute("SELECT COUNT(*), SUM(input_tokens + output_tokens) FROM usage").fetchone() == (50, 750)
+    assert lg.record_queued(CallRecord(labels, None, 0.0, "blocked", 1_000_060.0)) is None
+    last = lg.record_queued(CallRecord(labels, Usage(input_tokens=1), 0.0, "success", 1_000_061.0))
+    lg.close()  # commits what is queued
+    assert last is not None and last.done()
+    assert other.execute("SELECT COUNT(*) FROM usage").fetchone() == (51,)
+    other.close()
+    again = Ledger(path, zone=TOKYO, window_seconds=3600)
+    again.open(1_000_100.0)
+    assert again.window_tokens("ops", 1_000_100.0) == 751
+    again.close()

@@ -456,6 +456,7 @@ class Gateway:
         else:
             outcome = "upstream_error" if status >= 500 or status == 429 else "client_error"
         self._finish(labels, api, usage, outcome, admission, t0, str(status) if status >= 400 else "")
+        await self._durable()
         resp = web.Response(status=status, body=data, headers=resp_headers)
         self.meter.metrics.overhead.labels("json").observe(max(time.perf_counter() - t0 - (t_back - t_up), 0.0))
         return resp
@@ -509,9 +510,17 @@ class Gateway:
             # The upstream cut the stream: cut the client's too, so it cannot mistake a partial answer for a whole one.
             request.transport.close()
         elif not client_gone:
+            await self._durable()
             with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
                 await resp.write_eof()
         return resp
+
+    async def _durable(self) -> None:
+        """Wait until the ledger has committed this call, so an acknowledged call's spend survives kill -9."""
+        if self.policy is not None:
+            fut = self.policy.durable()
+            if fut is not None:
+                await fut
 
     def _finish(
         self,

@@ -65,7 +65,7 @@ class GatewayServer:
         if self.enforce:
             from tokenfuse.policies import PolicyEngine
 
-            self.policy = PolicyEngine(self.config, meter)
+            self.policy = PolicyEngine(self.config, meter, group_commit=True)
             await self.policy.start()
         self.gateway = Gateway(
             self.config, registry=self.registry, policy=self.policy, meter=meter, environ=self.environ

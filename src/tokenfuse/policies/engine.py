@@ -150,6 +150,9 @@ class PolicyEngine:
         source: where usage comes from; default from ``policy.source`` (a `LocalSource` over the ledger at
             ``policy.state_path``, or a `PrometheusSource`).
         clock: UNIX time; tests pass a fake.
+        group_commit: on an event loop, the rows of the calls that finish in one loop iteration commit in one
+            transaction (the gateway); callers await `durable` before acknowledging a call. Default: commit each
+            record before returning.
     """
 
     def __init__(
@@ -159,9 +162,12 @@ class PolicyEngine:
         *,
         source: RateSource | None = None,
         clock: Callable[[], float] = time.time,
+        group_commit: bool = False,
     ) -> None:
         self.config = config
         self.meter = meter
+        self._group_commit = group_commit
+        self._durable: asyncio.Future[None] | None = None
         self.metrics = meter.metrics
         self._clock = clock
         pol = config.policy
@@ -458,7 +464,12 @@ class PolicyEngine:
                     self._warned_closed = True
                     log.warning(json.dumps({"event": "record_not_counted", "detail": "policy engine not open"}))
                 return
-            self.ledger.record(rec)
+            if self._group_commit:
+                fut = self.ledger.record_queued(rec)
+                if fut is not None:
+                    self._durable = fut
+            else:
+                self.ledger.record(rec)
             d = self._depts.get(rec.labels.department)
             if d is None:
                 return
@@ -601,6 +612,14 @@ class PolicyEngine:
             d.reserved_usd = 0.0
         if r.probe_epoch is not None:
             d.fuse.probe_done(r.probe_epoch)
+
+    def durable(self) -> asyncio.Future[None] | None:
+        """A future that completes once every call recorded so far is committed (None: nothing is pending).
+
+        Only meaningful with ``group_commit``; without it every record is committed before `settle` runs.
+        """
+        fut = self._durable
+        return None if fut is None or fut.done() else fut
 
     def refusal(self, admission: Admission) -> BudgetExceeded:
         """The exception the instrumented client raises for a refused admission."""

@@ -7,6 +7,7 @@ rolling window and month-to-date sums live in memory and are rebuilt from the fi
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import json
 import math
@@ -110,6 +111,66 @@ class _Window:
         return tokens, cost
 
 
+_INSERT_USAGE = (
+    "INSERT INTO usage (at, department, project, environment, provider, model, input_tokens, output_tokens, cost_usd,"
+    " outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class _GroupCommit:
+    """Commits the usage rows queued during one event-loop iteration in one transaction.
+
+    A commit per call costs ~50 µs of SQLite on the event loop; under load many calls finish in the same loop
+    iteration, so their rows share one transaction. Each row's future completes once it is durable, and the gateway
+    answers only then. (A writer thread was measured slower: it adds a thread wake-up to every call and competes
+    for the GIL.)
+    """
+
+    def __init__(self, ledger: Ledger, loop: asyncio.AbstractEventLoop) -> None:
+        self._ledger = ledger
+        self._loop = loop
+        self._rows: list[tuple[Any, ...]] = []
+        self._futures: list[asyncio.Future[None]] = []
+        self._scheduled = False
+
+    def submit(self, row: tuple[Any, ...]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._rows.append(row)
+        self._futures.append(fut)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+        return fut
+
+    def flush(self) -> None:
+        """Commit every queued row now."""
+        self._scheduled = False
+        rows, futures = self._rows, self._futures
+        if not rows:
+            return
+        self._rows, self._futures = [], []
+        error: BaseException | None = None
+        try:
+            with self._ledger._lock:
+                db = self._ledger._conn()
+                db.execute("BEGIN")
+                try:
+                    db.executemany(_INSERT_USAGE, rows)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        except Exception as e:  # the futures carry it to whoever waits for durability
+            error = e
+        for f in futures:
+            if f.done():
+                continue
+            if error is None:
+                f.set_result(None)
+            else:
+                f.set_exception(error)
+
+
 class Ledger:
     """Usage rows, fuse snapshots and override audit of one process, persisted in SQLite.
 
@@ -128,6 +189,7 @@ class Ledger:
         self._windows: dict[str, _Window] = {}
         self._months: dict[tuple[str, str], list[float]] = {}
         self._period: Period | None = None
+        self._writer: _GroupCommit | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -169,8 +231,16 @@ class Ledger:
             self._db = db
             self._rebuild(now)
 
+    def flush(self) -> None:
+        """Wait until every queued row is committed (reads that scan the file call this first)."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
-        """Close the file; everything recorded is already committed."""
+        """Close the file; everything recorded is committed first."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.flush()
         with self._lock:
             if self._db is not None:
                 self._db.close()
@@ -184,6 +254,7 @@ class Ledger:
             window_seconds: the rolling window.
             now: UNIX time.
         """
+        self.flush()
         with self._lock:
             changed = zone != self.zone or float(window_seconds) != self.window_seconds
             self.zone = zone
@@ -223,7 +294,7 @@ class Ledger:
     # -- writing -----------------------------------------------------------------------------------------
 
     def record(self, rec: CallRecord) -> bool:
-        """Store one metered call (what the meter passes to its listeners).
+        """Store one metered call (what the meter passes to its listeners) and commit it.
 
         Args:
             rec: the call; one without usage consumed nothing and is not stored.
@@ -233,8 +304,29 @@ class Ledger:
         """
         if rec.usage is None:
             return False
+        self._record(rec, wait=True)
+        return True
+
+    def record_queued(self, rec: CallRecord) -> asyncio.Future[None] | None:
+        """Store one metered call through the group commit: in memory now, on disk within milliseconds.
+
+        Args:
+            rec: the call; one without usage consumed nothing and is not stored.
+
+        Must run on an event loop: the rows queued during one loop iteration commit together.
+
+        Returns:
+            A future that completes when the row is durable, or None when nothing was stored.
+        """
+        if rec.usage is None:
+            return None
+        return self._record(rec, wait=False)
+
+    def _record(self, rec: CallRecord, *, wait: bool) -> asyncio.Future[None] | None:
+        if rec.usage is None:
+            return None
         lab = rec.labels
-        self.add(
+        fut = self.add(
             at=rec.at,
             department=lab.department,
             project=lab.project,
@@ -245,8 +337,9 @@ class Ledger:
             output_tokens=max(int(rec.usage.output_tokens), 0),
             cost_usd=rec.cost_usd,
             outcome=rec.outcome,
+            wait=wait,
         )
-        return True
+        return fut
 
     def add(
         self,
@@ -261,8 +354,9 @@ class Ledger:
         provider: str = "unknown",
         model: str = "unknown",
         outcome: str = "success",
-    ) -> None:
-        """Store one call's usage and commit it.
+        wait: bool = True,
+    ) -> asyncio.Future[None] | None:
+        """Store one call's usage and commit it (or queue it for the group commit).
 
         Args:
             at: UNIX time of the call.
@@ -275,14 +369,28 @@ class Ledger:
             provider: provider label.
             model: model label.
             outcome: request outcome.
+            wait: commit before returning (default); False queues the row and returns a future that completes
+                when it is durable.
+
+        Returns:
+            The durability future when ``wait`` is False, else None.
         """
         cost = cost_usd if math.isfinite(cost_usd) and cost_usd > 0 else 0.0
+        row = (at, department, project, environment, provider, model, input_tokens, output_tokens, cost, outcome)
+        fut: asyncio.Future[None] | None = None
+        if not wait:
+            loop = asyncio.get_running_loop()
+            if self._writer is None or self._writer._loop is not loop:
+                self._conn()  # raises LedgerError when not open
+                self.flush()
+                self._writer = _GroupCommit(self, loop)
+            # Load the month's sums before the row can be in flight: a later load from the file would miss a row
+            # still queued, so every month with queued rows must already be cached (this row is added below).
+            self.month_usage(department, self._period_of(at))
+            fut = self._writer.submit(row)
         with self._lock:
-            self._conn().execute(
-                "INSERT INTO usage (at, department, project, environment, provider, model, input_tokens,"
-                " output_tokens, cost_usd, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (at, department, project, environment, provider, model, input_tokens, output_tokens, cost, outcome),
-            )
+            if wait:
+                self._conn().execute(_INSERT_USAGE, row)
             tokens = input_tokens + output_tokens
             self._window(department).add(at, tokens, cost)
             key = (self._period_of(at).name, department)
@@ -291,6 +399,7 @@ class Ledger:
             if month is not None:
                 month[0] += tokens
                 month[1] += cost
+        return fut
 
     def save_fuse(self, department: str, snapshot: dict[str, Any], now: float) -> None:
         """Persist a fuse's state.
@@ -441,6 +550,7 @@ class Ledger:
     # -- reports -----------------------------------------------------------------------------------------
 
     def _query(self, sql: str, args: Iterable[Any]) -> list[Any]:
+        self.flush()  # report queries must see rows still queued for the group commit
         with self._lock:
             return self._conn().execute(sql, tuple(args)).fetchall()
 
