@@ -137,7 +137,7 @@ def test_two_replicas_share_fuse_through_prometheus(upstream: FakeUpstream, tmp_
     try:
         prom = _prometheus_on(tmp_path, prom_port, [a.port, b.port])
         eventually(prom.targets_up, 20, what="both replicas scraped")
-        usage = {"prompt_tokens": 400, "completion_tokens": 100}
+        usage = {"prompt_tokens": 320, "completion_tokens": 80}  # 400 tokens a call
         sent = 0
         t_blocked = None
         for i in range(40):
@@ -148,12 +148,14 @@ def test_two_replicas_share_fuse_through_prometheus(upstream: FakeUpstream, tmp_
                 break
             assert status == 200
             sent += 1
-            time.sleep(0.25)
+            time.sleep(0.5)
         assert t_blocked is not None, "the department was never blocked"
         # Each replica alone saw about half the tokens (under the limit); only the Prometheus sum can have tripped
         # the fuse. increase() extrapolates over a short window, so the sum may read a little above the truth.
-        assert (sent // 2 + 1) * 500 < limit
-        assert sent * 500 >= 0.8 * limit
+        # At 2 calls/s the sum crosses 3,000 at the 8th call, and Prometheus shows it within scrape + interval (2 s,
+        # 4 more calls): each replica alone then holds at most 6 x 400 = 2,400 tokens, under the limit.
+        assert -(-sent // 2) * 400 < limit
+        assert sent * 400 >= 0.8 * limit
 
         def both_block() -> bool:
             return a.chat(usage=usage)[0] == 429 and b.chat(usage=usage)[0] == 429
@@ -174,12 +176,18 @@ def test_two_replicas_share_fuse_through_prometheus(upstream: FakeUpstream, tmp_
         prom.stop()
         prom = None
 
-        def failed_closed() -> bool:
-            return b.chat(usage={"prompt_tokens": 10, "completion_tokens": 1})[0] == 429
+        def source_down() -> bool:
+            metrics = urllib.request.urlopen(b.url + "/metrics", timeout=5).read().decode()
+            return 'tokenfuse_policy_source_up{source="prometheus"} 0.0' in metrics
 
-        eventually(failed_closed, 3 + 1 + 3, interval=0.5, what="fail_closed after max_staleness")
-        metrics = urllib.request.urlopen(b.url + "/metrics", timeout=5).read().decode()
-        assert 'tokenfuse_policy_source_up{source="prometheus"} 0.0' in metrics
+        eventually(source_down, 1 + 2 + 1, interval=0.25, what="tokenfuse_policy_source_up 0 once queries fail")
+
+        def failed_closed() -> bool:
+            status, _, body = b.chat(usage={"prompt_tokens": 10, "completion_tokens": 1})
+            return status == 429 and body["error"]["code"] == "department_fuse_open"
+
+        # max_staleness (3 s) after the last good reading, plus an evaluation interval and a second of slack.
+        eventually(failed_closed, 3 + 1 + 1, interval=0.5, what="fail_closed after max_staleness")
     finally:
         if prom is not None:
             prom.stop()

@@ -1092,13 +1092,21 @@ class FakeUpstream:
                 return resp
             cut = fault == "cut"
             pieces = sse.pieces[: sse.cut_at] if cut else sse.pieces
+            # Usage is recorded just before the last bytes go out: a client that has read the whole stream (an SDK
+            # stops at [DONE]) must find it recorded, even before this handler resumes.
+            final = plan.usage if reported else None
             if self.chunk_delay > 0:
                 for i, piece in enumerate(pieces):
                     if i:
                         await asyncio.sleep(self.chunk_delay)
+                    if i == len(pieces) - 1 and not cut:
+                        self._report(rec, final)
                     await resp.write(piece.encode())
-            elif pieces:
-                await resp.write("".join(pieces).encode())
+            else:
+                if not cut:
+                    self._report(rec, final)
+                if pieces:
+                    await resp.write("".join(pieces).encode())
             if cut:
                 self._report(rec, sse.cut_usage)
                 _abort(request)
@@ -1108,7 +1116,6 @@ class FakeUpstream:
             # The client went away (an app closing a stream early, a load generator stopping): what it did not
             # receive was not reported, and it is no server error worth a traceback.
             return resp
-        self._report(rec, plan.usage if reported else None)
         return resp
 
 
