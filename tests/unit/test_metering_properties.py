@@ -289,42 +289,31 @@ def _usage(values: dict[str, int]) -> Usage:
 times = st.datetimes(min_value=datetime(2025, 9, 1), max_value=datetime(2027, 12, 31), timezones=st.just(UTC))
 
 
+_NO_DETAILS = dict.fromkeys(
+    [
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "cache_write_5m_tokens",
+        "cache_write_1h_tokens",
+        "input_audio_tokens",
+        "cache_audio_read_tokens",
+        "output_reasoning_tokens",
+        "web_searches",
+    ],
+    0,
+)
+
+
 @settings(max_examples=400, deadline=None)
 @given(model=st.sampled_from(MODELS), values=consistent_usages(), when=times)
 @example(
     model=("anthropic", "claude-sonnet-4-5"),
-    values=dict.fromkeys(
-        [
-            "cache_read_tokens",
-            "cache_write_tokens",
-            "cache_write_5m_tokens",
-            "cache_write_1h_tokens",
-            "input_audio_tokens",
-            "cache_audio_read_tokens",
-            "output_reasoning_tokens",
-            "web_searches",
-        ],
-        0,
-    )
-    | {"input_tokens": 200_001, "output_tokens": 10},
+    values=_NO_DETAILS | {"input_tokens": 200_001, "output_tokens": 10},
     when=datetime(2026, 1, 1, tzinfo=UTC),
 )
 @example(
     model=("google", "gemini-2.5-pro"),
-    values=dict.fromkeys(
-        [
-            "cache_read_tokens",
-            "cache_write_tokens",
-            "cache_write_5m_tokens",
-            "cache_write_1h_tokens",
-            "input_audio_tokens",
-            "cache_audio_read_tokens",
-            "output_reasoning_tokens",
-            "web_searches",
-        ],
-        0,
-    )
-    | {"input_tokens": 200_000, "output_tokens": 10},
+    values=_NO_DETAILS | {"input_tokens": 200_000, "output_tokens": 10},
     when=datetime(2026, 1, 1, tzinfo=UTC),
 )
 def test_fast_price_equals_calc_price(model: tuple[str, str], values: dict[str, int], when: datetime) -> None:

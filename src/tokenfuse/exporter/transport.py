@@ -18,10 +18,10 @@ from typing import Any, Protocol
 
 import httpx
 import httpx2
-import orjson
 
 from tokenfuse.exporter.labels import CallLabels
 from tokenfuse.exporter.meter import CallRecord, Meter, default_meter
+from tokenfuse.metering import jsonio
 from tokenfuse.metering.estimate import estimate_prompt_tokens, estimate_usage, max_output_tokens
 from tokenfuse.metering.extract import detect_api, extract_usage, infer_provider, request_model
 from tokenfuse.metering.stream import StreamUsageParser
@@ -344,10 +344,10 @@ class _Instrument:
                 content = b""
             if content and len(content) <= _MAX_JSON_BODY:
                 try:
-                    parsed = orjson.loads(content)
+                    parsed = jsonio.loads(content)
                     if isinstance(parsed, dict):
                         body = parsed
-                except orjson.JSONDecodeError:
+                except ValueError:
                     body = None
             model = request_model(api, body, path) if body is not None else request_model(api, {}, path)
             over = _labels.get() or {}

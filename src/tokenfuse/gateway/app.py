@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import time
@@ -17,7 +16,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -27,6 +25,7 @@ from tokenfuse.exporter.labels import CallLabels
 from tokenfuse.exporter.meter import Meter
 from tokenfuse.gateway.errors import GatewayError, error_response
 from tokenfuse.gateway.upstream import Endpoint, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
+from tokenfuse.metering import jsonio
 from tokenfuse.metering.estimate import estimate_prompt_tokens, estimate_usage, max_output_tokens
 from tokenfuse.metering.extract import extract_usage, request_model
 from tokenfuse.metering.stream import StreamUsageParser
@@ -252,7 +251,7 @@ class Gateway:
                 raise _too_large(max_body)
             raw = await _read_body(request, max_body)
             try:
-                body = _loads(raw)
+                body = jsonio.loads(raw)
             except (ValueError, UnicodeDecodeError):
                 raise GatewayError(
                     400, "The request body is not valid JSON.", "invalid_request_error", "invalid_json"
@@ -277,7 +276,7 @@ class Gateway:
                     inject_usage = True
                     edited = True
             if edited:
-                raw = _dumps(body)
+                raw = jsonio.dumps(body)
         except GatewayError as e:
             self._count_refused(dept, None, None, model, e.outcome)
             return e.response()
@@ -591,20 +590,6 @@ class Gateway:
         return error_response(
             404, f"Unknown route {request.method} {request.path}.", "invalid_request_error", "unknown_route"
         )
-
-
-def _loads(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)  # what orjson refuses but Python accepts (integers beyond 64 bits, NaN)
-
-
-def _dumps(body: Any) -> bytes:
-    try:
-        return orjson.dumps(body)
-    except TypeError:  # orjson.JSONEncodeError: e.g. an integer beyond 64 bits
-        return json.dumps(body, separators=(",", ":")).encode()
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

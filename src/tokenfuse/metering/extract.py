@@ -11,8 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, TypeGuard
 
-import orjson
-
+from tokenfuse.metering import jsonio
 from tokenfuse.metering.types import Api, Usage
 
 __all__ = [
@@ -26,13 +25,6 @@ __all__ = [
 
 MAX_COUNT = 2**53 - 1
 """Largest token count accepted; anything above is treated as missing (no call is that large, and floats stay exact)."""
-
-
-def _json_loads(data: bytes) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)  # what orjson refuses but Python reads: NaN, integers beyond 64 bits
 
 
 _SMALL_BODY = 4096  # below this a full orjson decode (~3 µs per KiB) is cheaper than the targeted scan
@@ -555,6 +547,6 @@ def extract_usage(api: Api, body: bytes | str | Mapping[str, Any]) -> Usage | No
             sure, usage = _scan(api, data)
             if sure:
                 return usage
-        return usage_from_root(api, _json_loads(data))
+        return usage_from_root(api, jsonio.loads(data))
     except Exception:  # a malformed body must never break metering: no usage is the answer
         return None
