@@ -333,6 +333,30 @@ def test_fast_price_equals_calc_price(model: tuple[str, str], values: dict[str, 
     assert p.output_usd == float(calc.output_price)
 
 
+@settings(max_examples=400, deadline=None)
+@given(
+    model=st.sampled_from(MODELS),
+    values=consistent_usages(),
+    core_only=st.booleans(),
+    skew=st.sampled_from([0, 0, 1, -1]),
+)
+def test_meter_fast_cost_equals_price(
+    model: tuple[str, str], values: dict[str, int], core_only: bool, skew: int
+) -> None:
+    """`Pricer.cost_usd` (the meter's linear fast path) is the same float as `Pricer.price(...).total_usd`.
+
+    ``core_only`` drops the details (the fast path's case); ``skew`` moves the cache reads one past what the input
+    allows (or one below), so inconsistent usage is covered as well.
+    """
+    provider, name = model
+    usage = _usage(values)
+    if core_only:
+        usage = usage._replace(details={}, cache_read_tokens=max(0, usage.cache_read_tokens + skew))
+    p = PRICER.price(provider, name, usage)
+    assert p is not None
+    assert PRICER.cost_usd(provider, name, usage) == p.total_usd
+
+
 weird_counts = st.one_of(
     st.integers(min_value=-(10**40), max_value=10**40),
     st.floats(allow_nan=True, allow_infinity=True),
@@ -365,5 +389,7 @@ def test_pricer_never_raises_or_goes_negative(
         for v in (p.input_usd, p.output_usd, p.total_usd):
             assert math.isfinite(v) and v >= 0
         assert p.exact.is_finite() and p.exact >= 0
+    fast = PRICER.cost_usd(model[0], model[1], usage)
+    assert fast == (None if p is None else p.total_usd)
     w = PRICER.worst_case_usd(model[0], model[1], core[0] if type(core[0]) is int else 0, 10**30)
     assert math.isfinite(w) and w >= 0

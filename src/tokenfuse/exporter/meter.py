@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from tokenfuse.config import Config, parse_config
+from tokenfuse.exporter.collectors import CounterChild, HistogramChild
 from tokenfuse.exporter.labels import CallLabels, LabelBounds
 from tokenfuse.exporter.metrics import Metrics
 from tokenfuse.metering.pricing import Pricer
@@ -57,21 +58,22 @@ class CallRecord:
 class _Series:
     """Every labelled child one (labels, operation, response model) writes to, resolved once."""
 
-    __slots__ = ("cost", "duration", "gen_input", "gen_output", "input", "output", "requests")
+    __slots__ = ("cost", "duration", "gen_input", "gen_output", "input", "output", "requests", "response_model")
 
     def __init__(self, m: Metrics, labels: CallLabels, operation: str, response_model: str) -> None:
+        self.response_model = response_model
         key = labels.as_tuple()
         self.input = m.tokens.labels(*key, "input")
         self.output = m.tokens.labels(*key, "output")
         self.cost = m.cost.labels(*key)
-        self.requests: dict[str, Any] = {}
+        self.requests: dict[str, CounterChild] = {}
         gen = (operation, labels.provider, labels.model, response_model)
         self.gen_input = m.gen_ai_tokens.labels(*gen, "input", labels.department)
         # Embeddings produce no output tokens: no output series at all, rather than a histogram of zeros.
         self.gen_output = (
             None if operation == "embeddings" else m.gen_ai_tokens.labels(*gen, "output", labels.department)
         )
-        self.duration: dict[str, Any] = {}
+        self.duration: dict[str, HistogramChild] = {}
 
 
 class Meter:
@@ -134,15 +136,14 @@ class Meter:
     def price(self, provider: str, model: str, usage: Usage, request_model: str | None = None) -> tuple[float, bool]:
         """Cost of ``usage`` in USD and whether the model was priced; never raises."""
         try:
-            p = self.pricer.price(provider, model, usage)
-            if p is None and request_model and request_model != model:
-                p = self.pricer.price(provider, request_model, usage)
+            cost = self.pricer.cost_usd(provider, model, usage)
+            if cost is None and request_model and request_model != model:
+                cost = self.pricer.cost_usd(provider, request_model, usage)
         except Exception:  # pricing must never break a call
             log.exception("pricing failed for %s/%s", provider, model)
             return 0.0, False
-        if p is None:
+        if cost is None:
             return 0.0, False
-        cost = p.total_usd
         if not math.isfinite(cost) or cost < 0:
             return 0.0, False
         return cost, True
@@ -175,48 +176,49 @@ class Meter:
         skey = (labels, operation, resp_raw)
         series = self._series.get(skey)
         if series is None:
-            with self._lock:
-                series = self._series.get(skey)
-                if series is None:
-                    resp_model = self.bounds.model(labels.provider, resp_raw)
-                    series = _Series(self.metrics, labels, operation, resp_model)
-                    if len(self._series) < _MAX_CACHED:
-                        self._series[skey] = series
+            series = self._new_series(skey)
         req = series.requests.get(outcome)
         if req is None:
             req = self.metrics.requests.labels(*labels.as_tuple(), outcome)
             series.requests[outcome] = req
-        req.inc()
+        d = None
+        seconds = 0.0
+        if duration is not None and duration >= 0 and math.isfinite(duration):
+            seconds = duration
+            d = series.duration.get(error_type)
+            if d is None:
+                d = self.metrics.gen_ai_duration.labels(
+                    operation, labels.provider, labels.model, series.response_model, error_type
+                )
+                series.duration[error_type] = d
 
         cost = 0.0
         priced = True
+        inp = out = 0
         if usage is not None:
             inp = usage.input_tokens if type(usage.input_tokens) is int and usage.input_tokens > 0 else 0
             out = usage.output_tokens if type(usage.output_tokens) is int and usage.output_tokens > 0 else 0
-            if inp:
-                series.input.inc(inp)
-            if out:
-                series.output.inc(out)
             if inp or out or usage.details:
                 cost, priced = self.price(labels.provider, resp_raw, usage, request_model=request_model or labels.model)
-                if cost:
-                    series.cost.inc(cost)
                 if not priced:
                     self._child(("unpriced", labels.provider, labels.model), self.metrics.unpriced, 2).inc()
             if usage.estimated:
                 self._child(("est", labels.department, labels.provider, labels.model), self.metrics.estimated, 3).inc()
-            series.gen_input.observe(inp)
-            if series.gen_output is not None:
-                series.gen_output.observe(out)
-        if duration is not None and duration >= 0 and math.isfinite(duration):
-            d = series.duration.get(error_type)
-            if d is None:
-                resp_model = self.bounds.model(labels.provider, resp_raw)
-                d = self.metrics.gen_ai_duration.labels(
-                    operation, labels.provider, labels.model, resp_model, error_type
-                )
-                series.duration[error_type] = d
-            d.observe(duration)
+        # One lock for every update of the call (see `tokenfuse.exporter.collectors`).
+        with self.metrics.lock:
+            req.inc_locked(1.0)
+            if usage is not None:
+                if inp:
+                    series.input.inc_locked(inp)
+                if out:
+                    series.output.inc_locked(out)
+                if cost:
+                    series.cost.inc_locked(cost)
+                series.gen_input.observe_locked(inp)
+                if series.gen_output is not None:
+                    series.gen_output.observe_locked(out)
+            if d is not None:
+                d.observe_locked(seconds)
 
         rec = CallRecord(
             labels=labels,
@@ -232,6 +234,16 @@ class Meter:
             except Exception:
                 log.exception("meter listener failed")
         return rec
+
+    def _new_series(self, skey: tuple[CallLabels, str, str]) -> _Series:
+        with self._lock:
+            series = self._series.get(skey)
+            if series is None:
+                labels, operation, resp_raw = skey
+                series = _Series(self.metrics, labels, operation, self.bounds.model(labels.provider, resp_raw))
+                if len(self._series) < _MAX_CACHED:
+                    self._series[skey] = series
+        return series
 
     def _child(self, key: tuple[str, ...], metric: Any, n: int) -> Any:
         c = self._hist.get(key)

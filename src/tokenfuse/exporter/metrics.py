@@ -6,7 +6,11 @@ Generators (alert rules, dashboards) and tests import the names from here; nothi
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from tokenfuse.exporter.collectors import FastCounter, FastHistogram
 
 __all__ = [
     "BLOCKED_REQUESTS_TOTAL",
@@ -112,23 +116,32 @@ def _base(name: str) -> str:
 class Metrics:
     """The collectors of the metric contract, registered in one registry.
 
+    The five families every call writes (tokens, cost, requests and the two GenAI histograms) are `FastCounter` /
+    `FastHistogram` sharing ``lock``: the `Meter` takes it once per call. The rest are prometheus_client's own.
+
     Args:
         registry: where to register; tests pass their own ``CollectorRegistry()``.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.tokens = Counter(
+        self.lock = threading.Lock()
+        lock = self.lock
+        self.tokens = FastCounter(
             _base(TOKENS_TOTAL),
             "Billable LLM tokens; token_type input + output = total.",
             (*USAGE_LABELS, "token_type"),
+            lock=lock,
             registry=registry,
         )
-        self.cost = Counter(_base(COST_USD_TOTAL), "LLM cost in US dollars.", USAGE_LABELS, registry=registry)
-        self.requests = Counter(
+        self.cost = FastCounter(
+            _base(COST_USD_TOTAL), "LLM cost in US dollars.", USAGE_LABELS, lock=lock, registry=registry
+        )
+        self.requests = FastCounter(
             _base(REQUESTS_TOTAL),
             "LLM requests by outcome: success, upstream_error, client_error, blocked.",
             (*USAGE_LABELS, "outcome"),
+            lock=lock,
             registry=registry,
         )
         self.blocked = Counter(
@@ -195,19 +208,21 @@ class Metrics:
             buckets=OVERHEAD_BUCKETS,
             registry=registry,
         )
-        self.gen_ai_tokens = Histogram(
+        self.gen_ai_tokens = FastHistogram(
             GEN_AI_TOKEN_USAGE,
             "OpenTelemetry GenAI gen_ai.client.token.usage: tokens per call.",
             GEN_AI_TOKEN_ATTRS,
             buckets=GEN_AI_TOKEN_BUCKETS,
+            lock=lock,
             registry=registry,
         )
-        self.gen_ai_duration = Histogram(
+        self.gen_ai_duration = FastHistogram(
             _base(GEN_AI_OPERATION_DURATION).removesuffix("_seconds"),
             "OpenTelemetry GenAI gen_ai.client.operation.duration.",
             GEN_AI_DURATION_ATTRS,
             unit="seconds",
             buckets=GEN_AI_DURATION_BUCKETS,
+            lock=lock,
             registry=registry,
         )
 

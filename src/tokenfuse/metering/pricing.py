@@ -39,6 +39,7 @@ _CORE_KEYS = frozenset(
 )
 # Families whose usage keys are plain counts that `Usage` carries; other families (durations, characters, pixels,
 # pages, …) take genai-prices' own calc_price, which knows their special cases.
+_LINEAR_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "output_reasoning_tokens")
 _FAST_FAMILIES = frozenset({"tokens", "tool_calls", "requests"})
 _MAX_CACHE = 4096
 _PER_LIMIT = 1_000_000  # every fast-path unit is priced per 1e6 (tokens) or 1e3 (requests, tool calls)
@@ -99,7 +100,7 @@ class _Plan:
     times cheaper than a Decimal multiply-divide-add per unit.
     """
 
-    __slots__ = ("denominator", "has_tiers", "keys", "parents", "terms")
+    __slots__ = ("denominator", "has_tiers", "keys", "linear", "parents", "terms")
 
     def __init__(self, model_price: gp_types.ModelPrice) -> None:
         priced: list[tuple[UnitDef, Decimal | gp_types.TieredPrices]] = []
@@ -130,7 +131,7 @@ class _Plan:
         if places > 18:
             raise _NeedsSlowPath("precision")
         scale = 10**places
-        self.denominator = scale * _PER_LIMIT
+        self.denominator: int = scale * _PER_LIMIT
 
         def coef(rate: Decimal, per: int) -> int:
             return int(rate * scale) * (_PER_LIMIT // per)
@@ -161,6 +162,31 @@ class _Plan:
             terms.append(_Term(leaf, base, tiers, direction))
         self.terms = tuple(terms)
         self.has_tiers = any(t.tiers for t in terms)
+        self.linear = None if self.has_tiers else self._linear()
+
+    def _linear(self) -> tuple[int, int, int, int, int, int]:
+        """The total as integer coefficients of the five core counts, for usage without details.
+
+        Without tiers the total is linear in the leaves, and each leaf is its count minus its more specific
+        leaves: linear in the counts as long as no leaf goes negative (`price` checks; see `Pricer.cost_usd`).
+        Returns (per-request fee, input, output, cache read, cache write, reasoning) over `denominator`.
+        """
+        combos: list[dict[str, int]] = []
+        for i, (key, core) in enumerate(self.keys):
+            combo = {key: 1} if core else {}
+            for j in self.parents[i]:
+                for k, c in combos[j].items():
+                    combo[k] = combo.get(k, 0) - c
+            combos.append(combo)
+        coef = dict.fromkeys(_LINEAR_KEYS, 0)
+        fee = 0
+        for t in self.terms:
+            if t.leaf < 0:
+                fee += t.base
+                continue
+            for k, c in combos[t.leaf].items():
+                coef[k] += t.base * c
+        return (fee, *(coef[k] for k in _LINEAR_KEYS))  # type: ignore[return-value]
 
     def price(self, usage: Usage) -> tuple[int, int, int, bool]:
         """(input, output, total) over `denominator`, and whether the usage was consistent (else it was clamped)."""
@@ -272,6 +298,7 @@ class Pricer:
         self._override_ids: dict[str, dict[str, str]] = {}
         self._logged: set[tuple[str, str, str]] = set()
         self._affine: dict[tuple[str, str, int], tuple[float, float, float] | Literal[False]] = {}
+        self._quotes: dict[tuple[str, str, str | None], tuple[int, _Plan | None]] = {}
 
     # -- public ---------------------------------------------------------------------------------------------------
 
@@ -292,6 +319,74 @@ class Pricer:
         except Exception as e:  # pricing must never break a call
             self._log_once("error", provider, model, "pricing %s/%s failed (%s); the call counts as unpriced", e)
             return None
+
+    def cost_usd(self, provider: str, model: str, usage: Usage) -> float | None:
+        """``price(provider, model, usage).total_usd`` (the same float), or None when unpriced; for the meter.
+
+        The meter prices every call: the plan in force for (provider, model, answering model) is looked up once
+        per UTC day, and the call costs one integer evaluation of it, without a `Price` or a Decimal. Overrides,
+        time-of-day prices and usage the plan cannot take go through `price`. Never raises.
+
+        Args:
+            provider: genai-prices provider id.
+            model: the model to price as (``usage.model`` is tried next, as in `price`).
+            usage: the call's usage.
+        """
+        try:
+            day = int(time.time() // 86400)  # UTC day: genai-prices' prices change by date
+            key = (provider, model, usage.model)
+            quote = self._quotes.get(key)
+            if quote is None or quote[0] != day:
+                quote = (day, self._quote_plan(provider, model, usage))
+                if len(self._quotes) >= _MAX_CACHE:
+                    self._quotes.clear()  # model names come from traffic; keep the cache bounded
+                self._quotes[key] = quote
+            plan = quote[1]
+            if plan is not None:
+                lin = plan.linear
+                inp, out, read, write, reasoning, details = usage[:6]
+                if (
+                    lin is not None
+                    and not details
+                    and type(inp) is int
+                    and type(out) is int
+                    and type(read) is int
+                    and type(write) is int
+                    and type(reasoning) is int
+                    and read >= 0
+                    and write >= 0
+                    and read + write <= inp <= MAX_COUNT
+                    and 0 <= reasoning <= out <= MAX_COUNT
+                ):
+                    # Every leaf is >= 0 here, so this is `_Plan.price`'s integer total, term for term.
+                    fee, c_in, c_out, c_read, c_write, c_reasoning = lin
+                    total: int = (
+                        fee + c_in * inp + c_out * out + c_read * read + c_write * write + c_reasoning * reasoning
+                    )
+                    return total / plan.denominator
+                _, _, exact, consistent = plan.price(usage)
+                if consistent:
+                    return exact / plan.denominator
+        except Exception:  # the full path below logs what is wrong
+            pass
+        p = self.price(provider, model, usage)
+        return None if p is None else p.total_usd
+
+    def _quote_plan(self, provider: str, model: str, usage: Usage) -> _Plan | None:
+        """The plan `_price` would use for this call today, or None when it would not use one."""
+        answered = usage.model if isinstance(usage.model, str) and usage.model != model else None
+        if self._overrides:
+            ov = self._override_for(provider, model) if model else None
+            if ov is None and answered:
+                ov = self._override_for(provider, answered)
+            if ov is not None:
+                return None
+        resolved = self._resolve(provider, model) if model else None
+        if resolved is None and answered:
+            resolved = self._resolve(provider, answered)
+        if resolved is None or resolved.time_of_day:
+            return None
+        return resolved.plan(resolved.model_price(_utc(None)))
 
     def worst_case_usd(self, provider: str, model: str, input_tokens: int, output_tokens: int) -> float:
         """The price of ``input_tokens`` in and ``output_tokens`` out, for admission control (0.0 if unknown).

@@ -7,8 +7,8 @@ Usage follows genai-prices' conventions: ``input_tokens`` counts every input tok
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+from types import MappingProxyType
+from typing import Literal, NamedTuple
 
 __all__ = ["API_OPERATIONS", "Api", "Usage"]
 
@@ -32,9 +32,14 @@ API_OPERATIONS: Mapping[str, str] = {
 """OpenTelemetry GenAI ``gen_ai.operation.name`` for each API shape."""
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Billable usage of one call.
+_NO_DETAILS: Mapping[str, int] = MappingProxyType({})
+
+
+class Usage(NamedTuple):
+    """Billable usage of one call (immutable).
+
+    A named tuple rather than a frozen dataclass: one is built for every metered call, and a frozen dataclass's
+    ``__init__`` (one ``object.__setattr__`` per field) costs ~3 µs against ~0.4 µs for a tuple.
 
     Args:
         input_tokens: all input tokens, cache reads and cache writes included.
@@ -52,7 +57,7 @@ class Usage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     output_reasoning_tokens: int = 0
-    details: Mapping[str, int] = field(default_factory=dict)
+    details: Mapping[str, int] = _NO_DETAILS
     model: str | None = None
     estimated: bool = False
 
