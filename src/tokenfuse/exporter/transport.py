@@ -14,7 +14,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httpx
 import httpx2
@@ -49,6 +49,8 @@ class Enforcer(Protocol):
 
 _labels: ContextVar[Mapping[str, str] | None] = ContextVar("tokenfuse_labels", default=None)
 _MAX_JSON_BODY = 16 * 1024 * 1024
+_MAX_ROUTES = 1024
+_NOT_CACHED = object()
 _warned_encodings: set[str] = set()
 
 
@@ -148,20 +150,26 @@ class _Observation:
         self.status = response.status_code
         if self.status >= 400:
             return
-        ctype = ""
-        encoding = ""
-        # httpx's Headers.get decodes and scans every header per lookup; one pass over the raw pairs is cheaper.
-        for name, value in response.headers.raw:
-            lname = name.lower()
-            if lname == b"content-type":
-                ctype = value.decode("latin-1")
-            elif lname == b"content-encoding":
-                encoding = value.decode("latin-1")
-        dec = _decoder(encoding) if encoding else None
+        ctype = encoding = b""
+        headers = response.headers
+        # httpx's Headers keeps (raw name, lower-case name, value) triples; Headers.get decodes and scans them all
+        # per lookup, and .raw builds a new list: reading the triples once is the cheapest. .raw if that changes.
+        triples = getattr(headers, "_list", None)
+        pairs = (
+            ((k, v) for _, k, v in triples)
+            if type(triples) is list and triples and len(triples[0]) == 3
+            else ((k.lower(), v) for k, v in headers.raw)
+        )
+        for name, value in pairs:
+            if name == b"content-type":
+                ctype = value
+            elif name == b"content-encoding":
+                encoding = value
+        dec = _decoder(encoding.decode("latin-1")) if encoding else None
         self._decoder = dec
         if dec is False:
             return
-        if "text/event-stream" in ctype:
+        if b"text/event-stream" in ctype:
             self._parser = StreamUsageParser(self.api)
         else:
             self._body = []
@@ -171,7 +179,12 @@ class _Observation:
         self.on_response(response)
         if response.is_stream_consumed:
             # Already read (e.g. a mock transport's response): its content is decoded and complete.
-            self.feed(response.content, decoded=True)
+            content = response.content
+            if self._body is not None and len(content) <= _MAX_JSON_BODY:
+                self._decoder = None
+                self._body.append(content)
+            else:
+                self.feed(response.content, decoded=True)
             self.finish()
             return response
         response.stream = stream_cls(response.stream, self)
@@ -324,19 +337,34 @@ class _Instrument:
         self.project = project
         self.environment = environment
         self.provider = provider
+        self._routes: dict[tuple[str, str], object] = {}
 
     @property
     def meter(self) -> Meter:
         return self._meter if self._meter is not None else default_meter()
 
+    def _route(self, host: str, path: str) -> tuple[Api, str] | None:
+        """(API shape, provider) of a POST to ``host`` + ``path``, or None if it is not a metered call; cached."""
+        key = (host, path)
+        route = self._routes.get(key, _NOT_CACHED)
+        if route is _NOT_CACHED:
+            api = detect_api(path, host)
+            route = None if api is None else (api, self.provider or infer_provider(host, api))
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()  # paths come from the app; keep the cache bounded
+            self._routes[key] = route
+        return cast("tuple[Api, str] | None", route)
+
     def observe(self, request: Any) -> _Observation | None:
         try:
             if request.method != "POST":
                 return None
-            path = request.url.path
-            api = detect_api(path, request.url.host)
-            if api is None:
+            url = request.url
+            path = url.path
+            route = self._route(url.host, path)
+            if route is None:
                 return None
+            api, provider = route
             body: Mapping[str, Any] | None = None
             try:
                 content = request.content
@@ -345,20 +373,34 @@ class _Instrument:
             if content and len(content) <= _MAX_JSON_BODY:
                 try:
                     parsed = jsonio.loads(content)
-                    if isinstance(parsed, dict):
+                    if type(parsed) is dict:
                         body = parsed
                 except ValueError:
                     body = None
-            model = request_model(api, body, path) if body is not None else request_model(api, {}, path)
-            over = _labels.get() or {}
-            meter = self.meter
-            call_labels = meter.labels(
-                department=over.get("department", self.department),
-                project=over.get("project", self.project),
-                environment=over.get("environment", self.environment),
-                provider=self.provider or infer_provider(request.url.host, api),
-                model=model,
-            )
+            if api == "google.generate_content" or body is None:
+                model = request_model(api, body if body is not None else {}, path)
+            else:
+                model = body.get("model")
+                if type(model) is not str or not model:
+                    model = None
+            over = _labels.get()
+            meter = self._meter if self._meter is not None else default_meter()
+            if over:
+                call_labels = meter.labels(
+                    department=over.get("department", self.department),
+                    project=over.get("project", self.project),
+                    environment=over.get("environment", self.environment),
+                    provider=provider,
+                    model=model,
+                )
+            else:
+                call_labels = meter.labels(
+                    department=self.department,
+                    project=self.project,
+                    environment=self.environment,
+                    provider=provider,
+                    model=model,
+                )
             obs = _Observation(meter, api, call_labels, model, body, time.perf_counter())
         except Exception:
             log.exception("metering could not inspect a request; it is forwarded unmetered")
