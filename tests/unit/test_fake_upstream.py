@@ -789,6 +789,8 @@ async def test_async_sdks_against_the_in_loop_server(upstream: FakeUpstream) -> 
         final = await s.get_final_message()
     assert final.usage.output_tokens == 2
     assert upstream.reported_totals() == usage(input_tokens=CHAT_PROMPT_TOKENS + 1, output_tokens=5)
+    await oai.close()
+    await ant.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -870,4 +872,11 @@ async def test_clients_that_leave_early_are_quiet_and_unreported(
     await asyncio.sleep(0.5)  # longer than the rest of that stream would take
     # The raw-socket clients may hang up before the server even reads them; the mid-stream one is always seen.
     assert upstream.requests and upstream.requests[-1].status == 200 and upstream.requests[-1].usage is None
-    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
+    # An SDK client some earlier test left to the garbage collector may fail its aclose() here ("Event loop is
+    # closed"); that says nothing about this server, everything else does.
+    errors = [
+        rec
+        for rec in caplog.records
+        if rec.levelname == "ERROR" and "AsyncClient.aclose()" not in rec.getMessage() + str(rec.exc_info)
+    ]
+    assert not errors
