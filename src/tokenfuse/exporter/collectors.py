@@ -60,13 +60,17 @@ class CounterChild:
 
 
 class HistogramChild:
-    """One labelled histogram: a count per bucket (not cumulative; the exposition accumulates) and the sum."""
+    """One labelled histogram: a count per bucket (not cumulative; the exposition accumulates) and the sum.
 
-    __slots__ = ("_bounds", "_lock", "counts", "created", "sum")
+    ``observe_locked`` with the family lock held is ``counts[bisect_left(bounds, amount)] += 1; sum += amount`` for
+    a number that is not NaN; the meter writes that inline.
+    """
+
+    __slots__ = ("_lock", "bounds", "counts", "created", "sum")
 
     def __init__(self, lock: threading.Lock, bounds: tuple[float, ...]) -> None:
         self._lock = lock
-        self._bounds = bounds
+        self.bounds = bounds
         self.counts = [0.0] * len(bounds)
         self.sum = 0.0
         self.created = time.time()
@@ -80,7 +84,7 @@ class HistogramChild:
         """Record one observation; the caller holds the family lock."""
         # prometheus_client puts a value in the first bucket whose bound is >= it (bisect_left), and NaN in none.
         if amount == amount:
-            self.counts[bisect_left(self._bounds, amount)] += 1.0
+            self.counts[bisect_left(self.bounds, amount)] += 1.0
         self.sum += amount
 
 

@@ -154,17 +154,19 @@ class _Observation:
         headers = response.headers
         # httpx's Headers keeps (raw name, lower-case name, value) triples; Headers.get decodes and scans them all
         # per lookup, and .raw builds a new list: reading the triples once is the cheapest. .raw if that changes.
-        triples = getattr(headers, "_list", None)
-        pairs = (
-            ((k, v) for _, k, v in triples)
-            if type(triples) is list and triples and len(triples[0]) == 3
-            else ((k.lower(), v) for k, v in headers.raw)
-        )
-        for name, value in pairs:
-            if name == b"content-type":
-                ctype = value
-            elif name == b"content-encoding":
-                encoding = value
+        try:
+            for _, name, value in headers._list:
+                if name == b"content-type":
+                    ctype = value
+                elif name == b"content-encoding":
+                    encoding = value
+        except (AttributeError, TypeError, ValueError):
+            for raw_name, value in headers.raw:
+                name = raw_name.lower()
+                if name == b"content-type":
+                    ctype = value
+                elif name == b"content-encoding":
+                    encoding = value
         dec = _decoder(encoding.decode("latin-1")) if encoding else None
         self._decoder = dec
         if dec is False:

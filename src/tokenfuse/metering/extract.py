@@ -196,7 +196,7 @@ def _make(details: dict[str, int], model: object) -> Usage:
 
 def _openai_chat(u: Mapping[str, Any], model: object) -> Usage | None:
     # genai-prices "openai" / chat flavor, key for key; legacy Completions has the same usage shape.
-    # Written out flat: this runs on every call, and each helper call costs more than the check it makes.
+    # Written out flat, without helper calls: this runs on every call, and each call costs more than its check.
     prompt = u.get("prompt_tokens")
     completion = u.get("completion_tokens")
     if type(prompt) is not int or not 0 <= prompt <= MAX_COUNT:
@@ -206,29 +206,37 @@ def _openai_chat(u: Mapping[str, Any], model: object) -> Usage | None:
     if prompt is None and completion is None:
         return None
     details: dict[str, int] = {}
-    cached = cache_write = reasoning = None
+    cached = cache_write = reasoning = -1
     pd = u.get("prompt_tokens_details")
     if pd is not None and _is_map(pd):
-        cached = _n(pd.get("cached_tokens"))
-        cache_write = _n(pd.get("cache_write_tokens"))
-        audio = _n(pd.get("audio_tokens"))
-        if audio:
-            details["input_audio_tokens"] = audio
-    if cached is None:
+        v = pd.get("cached_tokens")
+        if type(v) is int and 0 <= v <= MAX_COUNT:
+            cached = v
+        v = pd.get("cache_write_tokens")
+        if type(v) is int and 0 <= v <= MAX_COUNT:
+            cache_write = v
+        v = pd.get("audio_tokens")
+        if type(v) is int and 0 < v <= MAX_COUNT:
+            details["input_audio_tokens"] = v
+    if cached < 0:
         # DeepSeek's own field, for servers that do not also fill prompt_tokens_details.
-        cached = _n(u.get("prompt_cache_hit_tokens"))
+        v = u.get("prompt_cache_hit_tokens")
+        if type(v) is int and 0 <= v <= MAX_COUNT:
+            cached = v
     cd = u.get("completion_tokens_details")
     if cd is not None and _is_map(cd):
-        reasoning = _n(cd.get("reasoning_tokens"))
-        audio = _n(cd.get("audio_tokens"))
-        if audio:
-            details["output_audio_tokens"] = audio
+        v = cd.get("reasoning_tokens")
+        if type(v) is int and 0 <= v <= MAX_COUNT:
+            reasoning = v
+        v = cd.get("audio_tokens")
+        if type(v) is int and 0 < v <= MAX_COUNT:
+            details["output_audio_tokens"] = v
     return Usage(
         prompt or 0,
         completion or 0,
-        cached or 0,
-        cache_write or 0,
-        reasoning or 0,
+        cached if cached > 0 else 0,
+        cache_write if cache_write > 0 else 0,
+        reasoning if reasoning > 0 else 0,
         details,
         model if type(model) is str and model else None,
     )
