@@ -192,6 +192,14 @@ class _Observation:
         response.stream = stream_cls(response.stream, self)
         return response
 
+    def sink(self) -> Any:
+        """What the stream wrappers call with each chunk: the parser's own ``feed`` when nothing needs decoding
+        (one call per chunk instead of two), else `feed`."""
+        parser = self._parser
+        if parser is not None and not self._decoder:
+            return parser.feed
+        return self.feed
+
     def feed(self, chunk: bytes, decoded: bool = False) -> None:
         try:
             if self._decoder and not decoded:
@@ -273,9 +281,10 @@ class _SyncObservedStream(httpx.SyncByteStream, httpx2.SyncByteStream):
 
     def __iter__(self) -> Iterator[bytes]:
         obs = self._obs
+        feed = obs.sink()
         try:
             for chunk in self._inner:
-                obs.feed(chunk)
+                feed(chunk)
                 yield chunk
         except GeneratorExit:
             obs.finish()  # the app stopped reading: meter what it got
@@ -300,9 +309,10 @@ class _AsyncObservedStream(httpx.AsyncByteStream, httpx2.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         obs = self._obs
+        feed = obs.sink()
         try:
             async for chunk in self._inner:
-                obs.feed(chunk)
+                feed(chunk)
                 yield chunk
         except GeneratorExit:
             obs.finish()
@@ -345,12 +355,18 @@ class _Instrument:
     def meter(self) -> Meter:
         return self._meter if self._meter is not None else default_meter()
 
-    def _route(self, host: str, path: str) -> tuple[Api, str] | None:
-        """(API shape, provider) of a POST to ``host`` + ``path``, or None if it is not a metered call; cached."""
-        key = (host, path)
+    def _route(self, url: Any) -> tuple[Api, str] | None:
+        """(API shape, provider) of a POST to ``url``, or None if it is not a metered call; cached per host and path."""
+        try:
+            # The parsed URL's raw host and path: the public .host and .path decode on every access.
+            ref = url._uri_reference
+            key = (ref.host, ref.path)
+        except AttributeError:
+            key = (url.host, url.path)
         route = self._routes.get(key, _NOT_CACHED)
         if route is _NOT_CACHED:
-            api = detect_api(path, host)
+            host = url.host
+            api = detect_api(url.path, host)
             route = None if api is None else (api, self.provider or infer_provider(host, api))
             if len(self._routes) >= _MAX_ROUTES:
                 self._routes.clear()  # paths come from the app; keep the cache bounded
@@ -362,8 +378,7 @@ class _Instrument:
             if request.method != "POST":
                 return None
             url = request.url
-            path = url.path
-            route = self._route(url.host, path)
+            route = self._route(url)
             if route is None:
                 return None
             api, provider = route
@@ -380,7 +395,7 @@ class _Instrument:
                 except ValueError:
                     body = None
             if api == "google.generate_content" or body is None:
-                model = request_model(api, body if body is not None else {}, path)
+                model = request_model(api, body if body is not None else {}, url.path)
             else:
                 model = body.get("model")
                 if type(model) is not str or not model:

@@ -143,32 +143,37 @@ class StreamUsageParser:
         Args:
             chunk: any slice of the stream, in order.
         """
+        # The hot path (one small event per chunk) is written out flat, in this one call: at ~400 bytes a chunk,
+        # every extra function call or copy is a measurable share of the per-chunk budget.
         try:
+            if not self._buf and type(chunk) is bytes and chunk[-1:] == b"\n" and not self._cr and not self._skipping:
+                # Exactly one event per chunk, "data: {...}\n\n" (OpenAI, Gemini) or "event: x\ndata: {...}\n\n"
+                # (Anthropic, Responses): the shape of nearly every token chunk, read without splitting.
+                nl = chunk.find(b"\n")
+                end = len(chunk) - 2
+                if nl == end and chunk[:6] == b"data: " and b"\r" not in chunk:
+                    self.events += 1
+                    self._on_data(chunk[6:-2])
+                    return
+                if (
+                    chunk[:6] == b"event:"
+                    and chunk[nl + 1 : nl + 7] == b"data: "
+                    and chunk.find(b"\n", nl + 1) == end
+                    and b"\r" not in chunk
+                ):
+                    self.events += 1
+                    self._on_data(chunk[nl + 7 : -2])
+                    return
             self._feed(chunk)
         except Exception:  # metering must never break the stream it observes
             self._buf.clear()
 
     def _feed(self, chunk: bytes) -> None:
-        # The hot path (one small event per chunk) is written out flat: at ~400 bytes a chunk, every extra
-        # function call or copy is a measurable share of the per-chunk budget.
         if not chunk:
             return
         if type(chunk) is not bytes:
             chunk = bytes(chunk)
         buf = self._buf
-        if not buf and chunk[-1] == 0x0A and not self._cr and not self._skipping and b"\r" not in chunk:
-            # Exactly one event per chunk, "data: {...}\n\n" (OpenAI, Gemini) or "event: x\ndata: {...}\n\n"
-            # (Anthropic, Responses): the shape of nearly every token chunk, read without splitting.
-            nl = chunk.find(b"\n")
-            end = len(chunk) - 2
-            if nl == end and chunk[:6] == b"data: ":
-                self.events += 1
-                self._on_data(chunk[6:-2])
-                return
-            if chunk[:6] == b"event:" and chunk[nl + 1 : nl + 7] == b"data: " and chunk.find(b"\n", nl + 1) == end:
-                self.events += 1
-                self._on_data(chunk[nl + 7 : -2])
-                return
         if self._cr or b"\r" in chunk:
             chunk = self._normalize(chunk)
         if buf:
