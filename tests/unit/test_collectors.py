@@ -97,8 +97,13 @@ def test_children_exist_from_labels_on_and_reject_bad_input() -> None:
     hist.labels("a", "m")
     assert fast_reg.get_sample_value("x_tokens_total", {"department": "a", "model": "m"}) == 0.0
     assert fast_reg.get_sample_value("x_usage_count", {"department": "a", "model": "m"}) == 0.0
+    assert counter.labels(model="m", department="a") is counter.labels("a", "m")
     with pytest.raises(ValueError, match="label values"):
         counter.labels("a")
+    with pytest.raises(ValueError, match="expected the labels"):
+        counter.labels(department="a")
+    with pytest.raises(ValueError, match="not both"):
+        counter.labels("a", model="m")
     with pytest.raises(ValueError, match="non-negative"):
         counter.labels("a", "m").inc(-1)
     with pytest.raises(ValueError, match="increasing"):

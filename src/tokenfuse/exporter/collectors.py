@@ -112,7 +112,14 @@ class _Family(Collector):
         if registry is not None:
             registry.register(self)
 
-    def _key(self, values: tuple[object, ...]) -> tuple[str, ...]:
+    def _key(self, values: tuple[object, ...], by_name: dict[str, object]) -> tuple[str, ...]:
+        # As prometheus_client: label values by position or by name, not both.
+        if by_name:
+            if values:
+                raise ValueError(f"{self._name}: label values by position or by name, not both")
+            if set(by_name) != set(self._labelnames):
+                raise ValueError(f"{self._name}: expected the labels {self._labelnames}, got {tuple(by_name)}")
+            values = tuple(by_name[n] for n in self._labelnames)
         if len(values) != len(self._labelnames):
             raise ValueError(f"{self._name}: expected {len(self._labelnames)} label values, got {len(values)}")
         return tuple(str(v) for v in values)
@@ -129,8 +136,8 @@ class FastCounter(_Family):
 
     _type = "counter"
 
-    def labels(self, *values: object) -> CounterChild:
-        key = self._key(values)
+    def labels(self, *values: object, **by_name: object) -> CounterChild:
+        key = self._key(values, by_name)
         child = self._children.get(key)
         if child is None:
             with self.lock:
@@ -177,8 +184,8 @@ class FastHistogram(_Family):
         self._les = tuple(_go_float(b) for b in bounds)
         super().__init__(name, documentation, labelnames, lock=lock, registry=registry, unit=unit)
 
-    def labels(self, *values: object) -> HistogramChild:
-        key = self._key(values)
+    def labels(self, *values: object, **by_name: object) -> HistogramChild:
+        key = self._key(values, by_name)
         child = self._children.get(key)
         if child is None:
             with self.lock:
