@@ -27,6 +27,21 @@ MAX_COUNT = 2**53 - 1
 """Largest token count accepted; anything above is treated as missing (no call is that large, and floats stay exact)."""
 
 
+# Usage's fields in order, without the named tuple's Python-level __new__ (a third of the cost of building one).
+_new_usage = tuple.__new__
+_USAGE_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "output_reasoning_tokens",
+    "details",
+    "model",
+    "estimated",
+)
+if Usage._fields != _USAGE_FIELDS:  # pragma: no cover - a guard for whoever changes Usage
+    raise ImportError("metering.extract builds Usage tuples positionally; update it with Usage's fields")
+
 _SMALL_BODY = 4096  # below this a full orjson decode (~3 µs per KiB) is cheaper than the targeted scan
 _raw_decode = json.JSONDecoder().raw_decode
 
@@ -231,14 +246,18 @@ def _openai_chat(u: Mapping[str, Any], model: object) -> Usage | None:
         v = cd.get("audio_tokens")
         if type(v) is int and 0 < v <= MAX_COUNT:
             details["output_audio_tokens"] = v
-    return Usage(
-        prompt or 0,
-        completion or 0,
-        cached if cached > 0 else 0,
-        cache_write if cache_write > 0 else 0,
-        reasoning if reasoning > 0 else 0,
-        details,
-        model if type(model) is str and model else None,
+    return _new_usage(
+        Usage,
+        (
+            prompt or 0,
+            completion or 0,
+            cached if cached > 0 else 0,
+            cache_write if cache_write > 0 else 0,
+            reasoning if reasoning > 0 else 0,
+            details,
+            model if type(model) is str and model else None,
+            False,
+        ),
     )
 
 
