@@ -136,6 +136,9 @@ class Meter:
 
     def price(self, provider: str, model: str, usage: Usage, request_model: str | None = None) -> tuple[float, bool]:
         """Cost of ``usage`` in USD and whether the model was priced; never raises."""
+        return self._price(provider, model, usage, request_model)
+
+    def _price(self, provider: str, model: str, usage: Usage, request_model: str | None) -> tuple[float, bool]:
         try:
             cost = self.pricer.cost_usd(provider, model, usage)
             if cost is None and request_model and request_model != model:
@@ -199,7 +202,7 @@ class Meter:
             if type(out) is not int or out < 0:
                 out = 0
             if inp or out or usage[5]:
-                cost, priced = self.price(labels[3], resp_raw, usage, request_model=request_model or labels[4])
+                cost, priced = self._price(labels[3], resp_raw, usage, request_model or labels[4])
                 if not priced:
                     self._child(("unpriced", labels[3], labels[4]), self.metrics.unpriced, 2).inc()
             if usage[7]:

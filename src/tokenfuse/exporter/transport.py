@@ -389,7 +389,10 @@ class _Instrument:
                 content = b""
             if content and len(content) <= _MAX_JSON_BODY:
                 try:
-                    parsed = jsonio.loads(content)
+                    try:
+                        parsed = jsonio.fast_loads(content)
+                    except jsonio.DecodeError:
+                        parsed = jsonio.loads(content)
                     if type(parsed) is dict:
                         body = parsed
                 except ValueError:
@@ -499,7 +502,7 @@ class MeteredTransport(_Metered, httpx.BaseTransport, httpx2.BaseTransport):
         return self._inner
 
     def handle_request(self, request: Any) -> Any:
-        inner = self._transport(request)
+        inner = self._inner if self._inner is not None else self._transport(request)
         obs = self._instrument.observe(request)
         if obs is None:
             return inner.handle_request(request)
@@ -526,7 +529,7 @@ class AsyncMeteredTransport(_Metered, httpx.AsyncBaseTransport, httpx2.AsyncBase
         return self._inner
 
     async def handle_async_request(self, request: Any) -> Any:
-        inner = self._transport(request)
+        inner = self._inner if self._inner is not None else self._transport(request)
         obs = self._instrument.observe(request)
         if obs is None:
             return await inner.handle_async_request(request)

@@ -567,7 +567,11 @@ def extract_usage(api: Api, body: bytes | str | Mapping[str, Any]) -> Usage | No
                 sure, usage = _scan(api, body)
                 if sure:
                     return usage
-            return usage_from_root(api, jsonio.loads(body))
+            try:
+                root = jsonio.fast_loads(body)
+            except jsonio.DecodeError:
+                root = jsonio.loads(body)
+            return usage_from_root(api, root)
         if _is_map(body):
             return usage_from_root(api, body)
         if isinstance(body, str):
