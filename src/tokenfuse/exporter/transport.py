@@ -171,7 +171,7 @@ class _Observation:
         self._decoder = dec
         if dec is False:
             return
-        if b"text/event-stream" in ctype:
+        if ctype.find(b"text/event-stream") >= 0:  # not ``in``: see metering.stream
             self._parser = StreamUsageParser(self.api)
         else:
             self._body = []

@@ -116,14 +116,15 @@ class _UsageChunkFilter:
             return b""
         end = cut + (4 if data.startswith(b"\r\n\r\n", cut) else 2)
         head, self._buf = data[:end], data[end:]
-        if b'"usage"' not in head or b'"choices":[]' not in head.replace(b" ", b""):
+        # .find(), not ``in``: on bytes ``in`` raises and clears a TypeError first (see metering.stream).
+        if head.find(b'"usage"') < 0 or head.replace(b" ", b"").find(b'"choices":[]') < 0:
             return head
         out = []
         for event in head.replace(b"\r\n", b"\n").split(b"\n\n"):
             if not event:
                 continue
             compact = event.replace(b" ", b"")
-            if b'"choices":[]' in compact and b'"usage":{' in compact:
+            if compact.find(b'"choices":[]') >= 0 and compact.find(b'"usage":{') >= 0:
                 continue
             out.append(event + b"\n\n")
         return b"".join(out)

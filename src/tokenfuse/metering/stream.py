@@ -41,6 +41,8 @@ _KINDS = {
 _RESPONSE_DONE = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
 _RESPONSE_DONE_TYPES = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
 _TYPE_PREFIX = b'{"type":"'
+# Substring tests on bytes here use .find(), not ``in``: ``x in some_bytes`` first tries x as an integer and
+# raises and clears a TypeError before searching (~300 ns a test, more than the search on a chunk).
 
 
 def _event_type(data: bytes) -> bytes | None:
@@ -75,7 +77,7 @@ def _event_data(ev: bytes) -> bytes | None:
         return None
     if i == 0 or ev[i - 1] == 0x0A:
         rest = ev[i + 5 :]
-        if b"\n" not in rest:
+        if rest.find(b"\n") < 0:
             return rest[1:] if rest[:1] == b" " else rest
     parts = []
     for line in ev.split(b"\n"):
@@ -151,7 +153,7 @@ class StreamUsageParser:
                 # (Anthropic, Responses): the shape of nearly every token chunk, read without splitting.
                 nl = chunk.find(b"\n")
                 end = len(chunk) - 2
-                if nl == end and chunk[:6] == b"data: " and b"\r" not in chunk:
+                if nl == end and chunk[:6] == b"data: " and chunk.find(b"\r") < 0:
                     self.events += 1
                     self._on_data(chunk[6:-2])
                     return
@@ -159,7 +161,7 @@ class StreamUsageParser:
                     chunk[:6] == b"event:"
                     and chunk[nl + 1 : nl + 7] == b"data: "
                     and chunk.find(b"\n", nl + 1) == end
-                    and b"\r" not in chunk
+                    and chunk.find(b"\r") < 0
                 ):
                     self.events += 1
                     self._on_data(chunk[nl + 7 : -2])
@@ -174,7 +176,7 @@ class StreamUsageParser:
         if type(chunk) is not bytes:
             chunk = bytes(chunk)
         buf = self._buf
-        if self._cr or b"\r" in chunk:
+        if self._cr or chunk.find(b"\r") >= 0:
             chunk = self._normalize(chunk)
         if buf:
             search_from = len(buf) - 1
@@ -202,8 +204,8 @@ class StreamUsageParser:
                 return
             block = block[cut + 2 :]
         on_data = self._on_data
-        for ev in block.split(b"\n\n") if b"\n\n" in block else (block,):
-            if ev[:6] == b"data: " and b"\n" not in ev:
+        for ev in block.split(b"\n\n") if block.find(b"\n\n") >= 0 else (block,):
+            if ev[:6] == b"data: " and ev.find(b"\n") < 0:
                 self.events += 1
                 on_data(ev[6:])
             elif ev:
@@ -235,14 +237,14 @@ class StreamUsageParser:
             if pos < 0:
                 pos = 0
         elif kind == _GOOGLE:
-            if b'"usageMetadata"' in data:
+            if data.find(b'"usageMetadata"') >= 0:
                 self._keep(data)
         elif kind == _RESPONSES:
             typ = _event_type(data)
             if typ is None:
-                if b'.delta"' not in data or b'"response.audio.delta"' in data:
+                if data.find(b'.delta"') < 0 or data.find(b'"response.audio.delta"') >= 0:
                     text_re = None
-                if b'"response.' in data and any(m in data for m in _RESPONSE_DONE):
+                if data.find(b'"response.') >= 0 and any(data.find(m) >= 0 for m in _RESPONSE_DONE):
                     self._keep(data)
             elif typ.endswith(b".delta") and typ != b"response.audio.delta":
                 pos = max(data.find(b'"delta"'), 0)
@@ -252,12 +254,12 @@ class StreamUsageParser:
                     self._keep(data)
         elif kind == _ANTHROPIC:
             typ = _event_type(data)
-            if typ == b"content_block_delta" or (typ is None and b"content_block_delta" in data):
+            if typ == b"content_block_delta" or (typ is None and data.find(b"content_block_delta") >= 0):
                 pos = max(data.find(b'"delta"'), 0)
             else:
                 text_re = None
                 if typ in (b"message_start", b"message_delta") or (
-                    typ is None and (b'"message_start"' in data or b'"message_delta"' in data)
+                    typ is None and (data.find(b'"message_start"') >= 0 or data.find(b'"message_delta"') >= 0)
                 ):
                     self._anthropic = self._anthropic_event(data, self._anthropic)
         if text_re is not None:
@@ -319,7 +321,7 @@ class StreamUsageParser:
             tail = self._tail_data()
             if self._kind == _ANTHROPIC:
                 merged = self._anthropic
-                if tail is not None and (b'"message_start"' in tail or b'"message_delta"' in tail):
+                if tail is not None and (tail.find(b'"message_start"') >= 0 or tail.find(b'"message_delta"') >= 0):
                     merged = self._anthropic_event(tail, merged)
                 if merged is None:
                     return None
