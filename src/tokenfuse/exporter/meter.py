@@ -195,6 +195,7 @@ class Meter:
 
         cost = 0.0
         priced = True
+        inp = out = 0
         if usage is not None:
             inp, out = usage[0], usage[1]
             if type(inp) is not int or inp < 0:
@@ -207,10 +208,11 @@ class Meter:
                     self._child(("unpriced", labels[3], labels[4]), self.metrics.unpriced, 2).inc()
             if usage[7]:
                 self._child(("est", labels[0], labels[3], labels[4]), self.metrics.estimated, 3).inc()
-            # One lock for every update of the call, the children's values updated in place: see
-            # `tokenfuse.exporter.collectors` (prometheus_client would take seven locks).
-            with self.metrics.lock:
-                req.value += 1.0
+        # One lock for every update of the call, the children's values updated in place: see
+        # `tokenfuse.exporter.collectors` (prometheus_client would take seven locks).
+        with self.metrics.lock:
+            req.value += 1.0
+            if usage is not None:
                 if inp:
                     series.input.value += inp
                 if out:
@@ -224,15 +226,9 @@ class Meter:
                 if g is not None:
                     g.counts[bisect_left(g.bounds, out)] += 1.0
                     g.sum += out
-                if d is not None:
-                    d.counts[bisect_left(d.bounds, seconds)] += 1.0
-                    d.sum += seconds
-        else:
-            with self.metrics.lock:
-                req.value += 1.0
-                if d is not None:
-                    d.counts[bisect_left(d.bounds, seconds)] += 1.0
-                    d.sum += seconds
+            if d is not None:
+                d.counts[bisect_left(d.bounds, seconds)] += 1.0
+                d.sum += seconds
 
         rec = CallRecord(labels, usage, cost, outcome, time.time() if now is None else now, priced)
         for listener in self._listeners:

@@ -374,19 +374,27 @@ class Pricer:
 
     def _quote_plan(self, provider: str, model: str, usage: Usage) -> _Plan | None:
         """The plan `_price` would use for this call today, or None when it would not use one."""
+        override, resolved, _ = self._select(provider, model, usage)
+        if override is not None or resolved is None or resolved.time_of_day:
+            return None
+        return resolved.plan(resolved.model_price(_utc(None)))
+
+    def _select(self, provider: str, model: str, usage: Usage) -> tuple[PriceOverride | None, _Model | None, str]:
+        """What prices a call: a config override, else the genai-prices model, with the name it was found by.
+
+        ``model`` first, then the model that answered (``usage.model``), for overrides and genai-prices alike.
+        """
         answered = usage.model if isinstance(usage.model, str) and usage.model != model else None
         if self._overrides:
             ov = self._override_for(provider, model) if model else None
             if ov is None and answered:
                 ov = self._override_for(provider, answered)
             if ov is not None:
-                return None
+                return ov, None, model
         resolved = self._resolve(provider, model) if model else None
         if resolved is None and answered:
-            resolved = self._resolve(provider, answered)
-        if resolved is None or resolved.time_of_day:
-            return None
-        return resolved.plan(resolved.model_price(_utc(None)))
+            return None, self._resolve(provider, answered), answered
+        return None, resolved, model
 
     def worst_case_usd(self, provider: str, model: str, input_tokens: int, output_tokens: int) -> float:
         """The price of ``input_tokens`` in and ``output_tokens`` out, for admission control (0.0 if unknown).
@@ -432,22 +440,11 @@ class Pricer:
     # -- internals ------------------------------------------------------------------------------------------------
 
     def _price(self, provider: str, model: str, usage: Usage, when: datetime | None) -> Price | None:
-        answered = usage.model if isinstance(usage.model, str) and usage.model != model else None
-        if self._overrides:
-            ov = self._override_for(provider, model) if model else None
-            if ov is None and answered:
-                ov = self._override_for(provider, answered)
-            if ov is not None:
-                return _override_price(ov, usage)
-        name = model
-        resolved = self._resolve(provider, model) if model else None
-        if resolved is None and answered:
-            name = answered
-            resolved = self._resolve(provider, answered)
+        override, resolved, name = self._select(provider, model, usage)
+        if override is not None:
+            return _override_price(override, usage)
         if resolved is None:
-            self._log_once(
-                "unknown", provider, model or answered or "", "no price known for %s/%s; its calls cost 0", None
-            )
+            self._log_once("unknown", provider, model or name or "", "no price known for %s/%s; its calls cost 0", None)
             return None
         at = _utc(when)
         mp = resolved.model_price(at)
