@@ -35,7 +35,8 @@ def _use_created() -> bool:
 
 
 class CounterChild:
-    """One labelled counter."""
+    """One labelled counter. With the family lock held, ``value += amount`` (amount >= 0) is an increment: the meter
+    writes that inline."""
 
     __slots__ = ("_lock", "created", "value")
 
@@ -50,10 +51,6 @@ class CounterChild:
             raise ValueError("counters can only be incremented by non-negative amounts")
         with self._lock:
             self.value += amount
-
-    def inc_locked(self, amount: float = 1.0) -> None:
-        """Add ``amount``; the caller holds the family lock and has checked ``amount >= 0``."""
-        self.value += amount
 
     def get(self) -> float:
         return self.value

@@ -154,19 +154,14 @@ class _Observation:
         headers = response.headers
         # httpx's Headers keeps (raw name, lower-case name, value) triples; Headers.get decodes and scans them all
         # per lookup, and .raw builds a new list: reading the triples once is the cheapest. .raw if that changes.
-        try:
-            for _, name, value in headers._list:
-                if name == b"content-type":
-                    ctype = value
-                elif name == b"content-encoding":
-                    encoding = value
-        except (AttributeError, TypeError, ValueError):
-            for raw_name, value in headers.raw:
-                name = raw_name.lower()
-                if name == b"content-type":
-                    ctype = value
-                elif name == b"content-encoding":
-                    encoding = value
+        triples = getattr(headers, "_list", None)
+        if type(triples) is not list or (triples and len(triples[0]) != 3):
+            triples = [(raw, raw.lower(), value) for raw, value in headers.raw]
+        for _, name, value in triples:
+            if name == b"content-type":
+                ctype = value
+            elif name == b"content-encoding":
+                encoding = value
         dec = _decoder(encoding.decode("latin-1")) if encoding else None
         self._decoder = dec
         if dec is False:
