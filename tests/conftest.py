@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from tokenfuse.config import Config, hash_key, parse_config
+from tokenfuse.config import DEFAULT_FORWARD_HEADERS, Config, hash_key, parse_config
 
 KEYS = {"marketing": "tf-test-marketing", "engineering": "tf-test-engineering", "support": "tf-test-support"}
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+"""Test data kept in the repository (recorded provider payloads), so a fresh clone passes on its own."""
 
 
 def fake_config(upstream_url: str, tmp_path: Path | None = None, **sections: Any) -> Config:
@@ -57,6 +58,8 @@ def fake_config(upstream_url: str, tmp_path: Path | None = None, **sections: Any
             "support": {"keys": [hash_key(KEYS["support"])]},
         },
         "policy": {"state_path": str((tmp_path or Path("/tmp")) / "tokenfuse-test.db"), "interval": "1s"},
+        # The fake upstream takes its instructions (usage, faults, latency) in x-fake-* headers.
+        "gateway": {"forward_headers": [*DEFAULT_FORWARD_HEADERS, "x-fake-*"]},
     }
     for k, v in sections.items():
         if isinstance(v, dict) and isinstance(data.get(k), dict) and k != "departments":

@@ -54,6 +54,7 @@ _LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h|d|w))+$")
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_HEADER_GLOB_RE = re.compile(r"^[a-z0-9_*][a-z0-9_*-]*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
@@ -153,6 +154,10 @@ class Upstream(_Model):
     models: list[str] = Field(min_length=1)
     timeout: Duration = 120.0
     connect_timeout: Duration = 5.0
+    proxy: str | None = Field(default=None, description="egress proxy URL; else HTTPS_PROXY / NO_PROXY")
+    ca_file: str | None = Field(default=None, description="PEM bundle of extra CA certificates to trust")
+    client_cert: str | None = Field(default=None, description="PEM client certificate (mutual TLS)")
+    client_key: str | None = Field(default=None, description="PEM private key of client_cert")
 
     @field_validator("base_url")
     @classmethod
@@ -167,6 +172,26 @@ class Upstream(_Model):
         if v <= 0:
             raise ValueError("must be > 0")
         return v
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://", "socks5://", "socks5h://")):
+            raise ValueError("must be a proxy URL: http://HOST:PORT (user:password@ allowed), https:// or socks5://")
+        return v
+
+    @field_validator("ca_file", "client_cert", "client_key")
+    @classmethod
+    def _readable(cls, v: str | None) -> str | None:
+        if v is not None and not os.path.isfile(v):
+            raise ValueError(f"{v!r} is not a readable file (a PEM file is expected)")
+        return v
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> Upstream:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("client_key: needs client_cert (the certificate it belongs to)")
+        return self
 
     def routes(self, model: str) -> bool:
         """True when one of this upstream's glob patterns matches ``model``."""
@@ -234,11 +259,81 @@ class Department(_Model):
         return v
 
 
+# SDK headers an upstream needs; globs. Credentials, hop-by-hop headers and tokenfuse's own never cross (see
+# `NEVER_FORWARDED`); OpenAI-Organization / OpenAI-Project would act with the organisation's key, so are opt-in.
+DEFAULT_FORWARD_HEADERS = (
+    "accept",
+    "user-agent",
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-beta",
+    "idempotency-key",
+    "x-stainless-*",
+    "x-goog-api-client",
+)
+NEVER_FORWARDED = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "content-length",
+        "content-type",
+        "accept-encoding",
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "cookie",
+        "x-project",
+        "x-environment",
+        "x-department",
+    }
+)
+
+
 class GatewayConfig(_Model):
     listen: str = "127.0.0.1:8080"
     require_key: bool = True
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     admin_token_env: str = "TOKENFUSE_ADMIN_TOKEN"
+    forward_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_FORWARD_HEADERS))
+    header_timeout: Duration = 10.0
+    body_timeout: Duration = 60.0
+    keepalive_timeout: Duration = 75.0
+    max_connections: int = Field(default=4096, ge=1)
+    max_request_line_bytes: int = Field(default=8190, ge=256)
+    max_header_bytes: int = Field(default=8190, ge=256, description="longest header field (name + value)")
+    max_headers: int = Field(default=128, ge=8)
+
+    @field_validator("header_timeout", "body_timeout", "keepalive_timeout")
+    @classmethod
+    def _positive_duration(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _forward(cls, v: list[str]) -> list[str]:
+        out = []
+        for h in v:
+            name = h.strip().lower()
+            if not _HEADER_GLOB_RE.fullmatch(name):
+                raise ValueError(f"{h!r} is not a header name (letters, digits, '-', '_', with '*' as a glob)")
+            if name in NEVER_FORWARDED or name.startswith(("x-tokenfuse-", "proxy-")):
+                raise ValueError(
+                    f"{h!r} is never forwarded: credentials, hop-by-hop and tokenfuse headers stay at the gateway"
+                )
+            out.append(name)
+        return out
 
     @field_validator("listen")
     @classmethod

@@ -6,11 +6,16 @@ the scrape target itself, run them with ``await asyncio.to_thread(...)`` so the 
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -19,10 +24,11 @@ from typing import Any, TypeVar
 import httpx
 import yaml
 
-from conftest import require_binary
+from conftest import KEYS, require_binary
 
 __all__ = [
     "Alertmanager",
+    "GatewayProcess",
     "Prometheus",
     "eventually",
     "free_port",
@@ -272,3 +278,60 @@ def start_alertmanager(tmp_path: Path, config_text: str, timeout: float = 30.0) 
         ]
 
     return _launch(Alertmanager, binary, tmp_path, args, timeout)
+
+
+class GatewayProcess:
+    """`tokenfuse serve` in a subprocess on a free port."""
+
+    def __init__(self, config: dict[str, Any], tmp_path: Path, name: str, env: dict[str, str] | None = None) -> None:
+        self.env = env or {}
+        self.port = free_port()
+        config = json.loads(json.dumps(config))
+        config["gateway"]["listen"] = f"127.0.0.1:{self.port}"
+        config["policy"]["state_path"] = str(tmp_path / f"{name}.db")  # one ledger per replica
+        self.path = tmp_path / f"{name}.yaml"
+        self.path.write_text(yaml.safe_dump(config))
+        self.log = tmp_path / f"{name}.log"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GatewayProcess:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tokenfuse.cli", "serve", "--config", str(self.path)],
+                stdout=log, stderr=log, env={**os.environ, "TOKENFUSE_TEST_UPSTREAM_KEY": "sk-up", **self.env},
+            )  # fmt: skip
+        eventually(self._healthy, 30, what=f"gateway {self.url} healthy\n{self.log.read_text()[-2000:]}")
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=1):
+                return True
+        except (OSError, urllib.error.URLError):
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def chat(
+        self, dept: str = "marketing", usage: dict[str, int] | None = None, max_tokens: int = 10
+    ) -> tuple[int, dict[str, str], dict[str, Any]]:
+        body = json.dumps({"model": "gpt-4o", "max_tokens": max_tokens,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()  # fmt: skip
+        headers = {"Authorization": f"Bearer {KEYS[dept]}", "Content-Type": "application/json"}
+        if usage is not None:
+            headers["x-fake-usage"] = json.dumps(usage)
+        req = urllib.request.Request(self.url + "/v1/chat/completions", data=body, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, dict(r.headers), json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), json.loads(e.read())

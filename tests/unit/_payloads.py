@@ -1,4 +1,4 @@
-"""Recorded provider payloads (shared/fixtures/provider-payloads) and the usage each one reports, for metering tests.
+"""Recorded provider payloads (tests/fixtures/provider-payloads) and the usage each one reports, for metering tests.
 
 The expected usages are written out from the fixtures' README table, in genai-prices' conventions (input counts
 cache reads and writes, output counts reasoning), so the tests check against the recorded numbers, not against
@@ -27,7 +27,7 @@ __all__ = [
     "sse_fixtures",
 ]
 
-FIXTURES_DIR = Path(__file__).resolve().parents[3] / "shared/fixtures/provider-payloads"
+FIXTURES_DIR = Path(__file__).resolve().parents[1] / "fixtures/provider-payloads"
 
 _API: dict[str, Api] = {
     "chat.completions": "openai.chat",
@@ -136,15 +136,15 @@ class Fixture:
 def _require_dir() -> Path:
     if not FIXTURES_DIR.is_dir():
         raise RuntimeError(
-            f"provider payload fixtures not found at {FIXTURES_DIR}: the tests expect the shared/ folder "
-            "beside the repository (../shared/fixtures/provider-payloads)"
+            f"provider payload fixtures not found at {FIXTURES_DIR}: they ship in the repository "
+            "(tests/fixtures/provider-payloads)"
         )
     return FIXTURES_DIR
 
 
 @cache
 def fixture_names() -> tuple[str, ...]:
-    """Every fixture file name; fails loudly when the shared folder is missing or empty."""
+    """Every fixture file name; fails loudly when the fixture folder is missing or empty."""
     names = tuple(sorted(p.name for p in _require_dir().glob("*.json")))
     if not names:
         raise RuntimeError(f"no *.json fixtures in {FIXTURES_DIR}")

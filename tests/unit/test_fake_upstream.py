@@ -21,7 +21,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from tests.conftest import SHARED
+from tests.conftest import FIXTURES as TEST_FIXTURES
 
 from tokenfuse.testing import (
     FAULTS,
@@ -32,7 +32,7 @@ from tokenfuse.testing import (
     fake_prompt_tokens,
 )
 
-FIXTURES = SHARED / "fixtures" / "provider-payloads"
+FIXTURES = TEST_FIXTURES / "provider-payloads"
 CLAUDE = "claude-sonnet-4-6"
 MESSAGES: list[Any] = [
     {"role": "system", "content": "You are terse."},
@@ -79,7 +79,7 @@ def key_tree(obj: Any) -> Any:
 def fixture(name: str) -> dict[str, Any]:
     path = FIXTURES / name
     if not path.exists():
-        pytest.fail(f"provider fixture {path} is missing; it ships with the project's shared test data")
+        pytest.fail(f"provider fixture {path} is missing; it ships in tests/fixtures/provider-payloads")
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return data
 

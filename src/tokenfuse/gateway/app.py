@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import hashlib
 import logging
 import math
+import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,18 +23,18 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from tokenfuse.config import UNASSIGNED, Config, Upstream
+from tokenfuse.config import NEVER_FORWARDED, UNASSIGNED, Config, Upstream
 from tokenfuse.exporter.labels import CallLabels
 from tokenfuse.exporter.meter import Meter
-from tokenfuse.gateway.errors import GatewayError, error_response
-from tokenfuse.gateway.upstream import Endpoint, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
+from tokenfuse.gateway.errors import ErrorStyle, GatewayError, error_response
+from tokenfuse.gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
 from tokenfuse.metering import jsonio
 from tokenfuse.metering.estimate import estimate_prompt_tokens, estimate_usage, max_output_tokens
 from tokenfuse.metering.extract import extract_usage, request_model
 from tokenfuse.metering.stream import StreamUsageParser
 from tokenfuse.metering.types import API_OPERATIONS, Api, Usage
 
-__all__ = ["Gateway", "make_app"]
+__all__ = ["GATEWAY_KEY", "Gateway", "make_app"]
 
 log = logging.getLogger("tokenfuse.gateway")
 
@@ -43,32 +46,44 @@ ROUTES: dict[str, Api] = {
     "/v1/messages": "anthropic.messages",
 }
 
-# Headers that never cross the gateway: hop-by-hop, the client's credentials, tokenfuse's own routing headers.
-_DROP_REQUEST = frozenset(
-    {
-        "host",
-        "connection",
-        "keep-alive",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "authorization",
-        "x-api-key",
-        "api-key",
-        "cookie",
-        "x-project",
-        "x-environment",
-        "x-department",
-        "x-tokenfuse-project",
-        "x-tokenfuse-environment",
-        "x-tokenfuse-department",
-        "accept-encoding",
-    }
-)
+# A request target with a control byte, a space or DEL (raw or once percent-decoded) could split the upstream request
+# line or smuggle a second request: refused before anything goes upstream.
+_BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
+
+
+class _HeaderAllowList:
+    """Which client headers go upstream: those matching ``gateway.forward_headers``, never a credential, a hop-by-hop
+    header (or one the client's ``Connection`` names) or a tokenfuse header. Decisions cached per header name."""
+
+    __slots__ = ("_cache", "_patterns")
+
+    def __init__(self, patterns: list[str]) -> None:
+        self._patterns = tuple(patterns)
+        self._cache: dict[str, bool] = {}
+
+    def allows(self, lname: str) -> bool:
+        ok = self._cache.get(lname)
+        if ok is None:
+            ok = (
+                lname not in NEVER_FORWARDED
+                and not lname.startswith(("x-tokenfuse-", "proxy-"))
+                and any(fnmatch.fnmatchcase(lname, p) for p in self._patterns)
+            )
+            if len(self._cache) < 4096:
+                self._cache[lname] = ok
+        return ok
+
+    def select(self, headers: Mapping[str, str]) -> list[tuple[str, str]]:
+        connection = headers.get("connection")
+        named = {t.strip().lower() for t in connection.split(",")} if connection else ()
+        out = []
+        for k, v in headers.items():
+            lk = k.lower()
+            if self.allows(lk) and lk not in named:
+                out.append((k, v))
+        return out
+
+
 _DROP_RESPONSE = frozenset(
     {
         "connection",
@@ -158,7 +173,10 @@ class Gateway:
         self.meter = meter if meter is not None else Meter(config, self.registry)
         self.policy = policy
         self._environ = environ
-        self.pool: UpstreamPool | None = None
+        # Built in startup (inside the event loop): upstream name -> (its config, its client). Clients replaced by a
+        # reload may still carry calls in flight; they are closed at shutdown.
+        self._clients: dict[str, tuple[Upstream, UpstreamClient]] | None = None
+        self._retired: list[UpstreamClient] = []
         self.ready = False
         self._apply(config)
 
@@ -167,8 +185,21 @@ class Gateway:
         self.keys = config.key_index()
         self._key_cache: dict[str, str | None] = {}
         self._upstream_keys = {u.name: u.api_key(self._environ) for u in config.upstreams}
-        self._endpoints = {u.name: Endpoint.parse(u.base_url) for u in config.upstreams}
         self._route_cache: dict[str, Upstream | None] = {}
+        self._forwarded = _HeaderAllowList(config.gateway.forward_headers)
+        if self._clients is not None:
+            self._build_clients()
+
+    def _build_clients(self) -> None:
+        """One pooled client per upstream; an unchanged upstream keeps its client (and its warm connections)."""
+        env = self._environ if self._environ is not None else os.environ
+        old = self._clients or {}
+        new: dict[str, tuple[Upstream, UpstreamClient]] = {}
+        for u in self.config.upstreams:
+            kept = old.get(u.name)
+            new[u.name] = kept if kept is not None and kept[0] == u else (u, UpstreamClient(u, env))
+        self._retired.extend(c for name, (u, c) in old.items() if new.get(name, (None, None))[1] is not c)
+        self._clients = new
 
     def reconfigure(self, config: Config) -> None:
         """Adopt a new config without dropping connections or state."""
@@ -178,18 +209,30 @@ class Gateway:
             self.policy.reconfigure(config)
 
     async def startup(self, app: web.Application) -> None:
-        self.pool = UpstreamPool()
+        self._clients = {}
+        self._build_clients()
         self.ready = True
 
     async def cleanup(self, app: web.Application) -> None:
         self.ready = False
-        if self.pool is not None:
-            await self.pool.close()
+        clients = [c for _u, c in (self._clients or {}).values()] + self._retired
+        self._clients, self._retired = None, []
+        for c in clients:
+            await c.close()
 
     # -- who pays -------------------------------------------------------------------------------------------
 
     def _department(self, request: web.Request) -> str:
-        auth = request.headers.get("authorization")
+        h = request.headers
+        for name in ("authorization", "x-api-key", "api-key"):
+            if len(h.getall(name, ())) > 1:
+                raise GatewayError(
+                    400,
+                    f"The request carries more than one '{name}' header: send exactly one key.",
+                    "invalid_request_error",
+                    "duplicate_credentials",
+                )
+        auth = h.get("authorization")
         key: str | None = None
         if auth:
             scheme, _, value = auth.partition(" ")
@@ -243,14 +286,16 @@ class Gateway:
     async def handle_llm(self, request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
         api = ROUTES[request.path]
+        style: ErrorStyle = "anthropic" if api.startswith("anthropic.") else "openai"
         dept = UNASSIGNED
         model: str | None = None
         try:
+            target = _upstream_target(request)
             dept = self._department(request)
-            max_body = self.config.gateway.max_body_bytes
-            if request.content_length is not None and request.content_length > max_body:
-                raise _too_large(max_body)
-            raw = await _read_body(request, max_body)
+            gw = self.config.gateway
+            if request.content_length is not None and request.content_length > gw.max_body_bytes:
+                raise _too_large(gw.max_body_bytes)
+            raw = await _read_body(request, gw.max_body_bytes, gw.body_timeout)
             try:
                 body = jsonio.loads(raw)
             except (ValueError, UnicodeDecodeError):
@@ -280,7 +325,7 @@ class Gateway:
                 raw = jsonio.dumps(body)
         except GatewayError as e:
             self._count_refused(dept, None, None, model, e.outcome)
-            return e.response()
+            return e.response(style)
 
         labels = self.meter.labels(
             department=dept, project=project, environment=environment, provider=upstream.provider, model=model
@@ -289,9 +334,11 @@ class Gateway:
         if self.policy is not None:
             admission = await self._admit(api, body, labels, upstream)
             if not admission.admitted:
-                return self._blocked(labels, admission)
+                return self._blocked(labels, admission, style)
         try:
-            return await self._forward(request, api, body, raw, labels, upstream, stream, inject_usage, admission, t0)
+            return await self._forward(
+                request, api, body, raw, target, labels, upstream, stream, inject_usage, admission, t0, style
+            )
         except BaseException:
             if admission is not None and self.policy is not None:
                 self.policy.settle(admission.reservation, None)
@@ -350,7 +397,7 @@ class Gateway:
             model=labels.model,
         )
 
-    def _blocked(self, labels: CallLabels, admission: Any) -> web.Response:
+    def _blocked(self, labels: CallLabels, admission: Any, style: ErrorStyle) -> web.Response:
         self.meter.record(labels, usage=None, outcome="blocked")
         reason = admission.reason or "fuse_open"
         self.meter.metrics.blocked.labels(labels.department, reason).inc()
@@ -374,7 +421,7 @@ class Gateway:
                 f"Department '{labels.department}' has not enough budget or tokens left for this request's worst case "
                 "(prompt + max_tokens); lower max_tokens or wait."
             )
-        return error_response(429, msg, "budget_exceeded", code, headers)
+        return error_response(429, msg, "budget_exceeded", code, headers, style)
 
     def _success_headers(self, labels: CallLabels, admission: Any) -> dict[str, str]:
         h = {"x-tokenfuse-department": labels.department}
@@ -385,21 +432,20 @@ class Gateway:
                 h["x-tokenfuse-tokens-remaining-1h"] = str(max(int(admission.tokens_remaining), 0))
         return h
 
-    def _upstream_request(self, request: web.Request, upstream: Upstream) -> tuple[Endpoint, str, dict[str, str]]:
-        ep = self._endpoints[upstream.name]
-        path = request.path
-        target = ep.base_path + (path[3:] if path.startswith("/v1/") else path)
-        if request.query_string:
-            target += "?" + request.query_string
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+    def _upstream_request(
+        self, request: web.Request, upstream: Upstream
+    ) -> tuple[UpstreamClient, list[tuple[str, str]]]:
+        assert self._clients is not None
+        headers = self._forwarded.select(request.headers)
         key = self._upstream_keys.get(upstream.name)
         if key:
             if upstream.provider == "anthropic":
-                headers["x-api-key"] = key
+                headers.append(("x-api-key", key))
             else:
-                headers["Authorization"] = "Bearer " + key
-        headers["Content-Type"] = "application/json"
-        return ep, target, headers
+                headers.append(("authorization", "Bearer " + key))
+        headers.append(("content-type", "application/json"))
+        headers.append(("accept-encoding", "identity"))
+        return self._clients[upstream.name][1], headers
 
     async def _forward(
         self,
@@ -407,27 +453,26 @@ class Gateway:
         api: Api,
         body: dict[str, Any],
         raw: bytes,
+        target: str,
         labels: CallLabels,
         upstream: Upstream,
         stream: bool,
         inject_usage: bool,
         admission: Any,
         t0: float,
+        style: ErrorStyle,
     ) -> web.StreamResponse:
-        assert self.pool is not None
-        ep, target, headers = self._upstream_request(request, upstream)
+        client, headers = self._upstream_request(request, upstream)
         t_up = time.perf_counter()
         try:
-            up = await self.pool.request(
-                ep, target, headers, raw, connect_timeout=upstream.connect_timeout, read_timeout=upstream.timeout
-            )
+            up = await client.send(target, headers, raw, stream=stream)
         except UpstreamTimeout as e:
             return self._upstream_failed(
-                labels, admission, 504, "upstream_timeout", f"upstream '{upstream.name}': {e}", t0
+                labels, admission, 504, "upstream_timeout", f"upstream '{upstream.name}': {e}", t0, style
             )
         except UpstreamError as e:
             return self._upstream_failed(
-                labels, admission, 502, "upstream_unreachable", f"upstream '{upstream.name}': {e}", t0
+                labels, admission, 502, "upstream_unreachable", f"upstream '{upstream.name}': {e}", t0, style
             )
         try:
             ctype = up.header("content-type")
@@ -440,13 +485,13 @@ class Gateway:
             try:
                 data = await up.read()
             except UpstreamTimeout as e:
-                return self._upstream_failed(labels, admission, 504, "upstream_timeout", str(e), t0)
+                return self._upstream_failed(labels, admission, 504, "upstream_timeout", str(e), t0, style)
             except UpstreamError as e:
-                return self._upstream_failed(labels, admission, 502, "upstream_unreachable", str(e), t0)
+                return self._upstream_failed(labels, admission, 502, "upstream_unreachable", str(e), t0, style)
             t_back = time.perf_counter()
             status = up.status
         finally:
-            up.release()
+            await up.release()
         usage: Usage | None = None
         if status < 400:
             usage = extract_usage(api, data)
@@ -545,14 +590,20 @@ class Gateway:
             self.policy.settle(admission.reservation, rec)
 
     def _upstream_failed(
-        self, labels: CallLabels, admission: Any, status: int, code: str, message: str, t0: float
+        self, labels: CallLabels, admission: Any, status: int, code: str, message: str, t0: float, style: ErrorStyle
     ) -> web.Response:
         self.meter.record(
             labels, usage=None, outcome="upstream_error", duration=time.perf_counter() - t0, error_type=code
         )
         if admission is not None and self.policy is not None:
             self.policy.settle(admission.reservation, None)
-        return error_response(status, message, "api_error", code, {"x-tokenfuse-department": labels.department})
+        return error_response(
+            status, message, "api_error", code, {"x-tokenfuse-department": labels.department}, style
+        )
+
+    def count_bad_request(self) -> None:
+        """Count a request refused before it reached a route (malformed HTTP, an admin body that is not valid)."""
+        self._count_refused(UNASSIGNED, None, None, None, "client_error")
 
     def _count_refused(
         self, dept: str, project: str | None, environment: str | None, model: str | None, outcome: str
@@ -593,18 +644,45 @@ class Gateway:
         )
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+def _upstream_target(request: web.Request) -> str:
+    """The path after ``/v1`` plus the raw (undecoded) query, or 400 ``invalid_request_target``."""
+    raw_path = request.raw_path
+    _, sep, raw_query = raw_path.partition("?")
+    # aiohttp's query_string is percent-decoded: check it too, so that %0d%0a cannot become a CR LF anywhere later.
+    if _BAD_TARGET.search(raw_path) or _BAD_TARGET.search(request.query_string) or _BAD_TARGET.search(request.path):
+        raise GatewayError(
+            400,
+            "The request target contains a control character, a space or DEL (raw or percent-encoded); "
+            "such a target is refused.",
+            "invalid_request_error",
+            "invalid_request_target",
+        )
+    path = request.path
+    target = path[3:] if path.startswith("/v1/") else path
+    return target + "?" + raw_query if sep and raw_query else target
+
+
+async def _read_body(request: web.Request, limit: int, within_s: float) -> bytes:
     parts: list[bytes] = []
     size = 0
     try:
-        while True:
-            chunk = await request.content.readany()
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            parts.append(chunk)
+        async with asyncio.timeout(within_s):
+            while True:
+                chunk = await request.content.readany()
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                parts.append(chunk)
+    except TimeoutError:
+        raise GatewayError(
+            408,
+            f"The request body did not arrive within gateway.body_timeout ({within_s:g} s).",
+            "invalid_request_error",
+            "body_timeout",
+            headers={"connection": "close"},
+        ) from None
     except (aiohttp.ClientPayloadError, ValueError, ConnectionError) as e:
         raise GatewayError(400, f"could not read the request body: {e}", "invalid_request_error", "bad_body") from None
     return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -617,6 +695,9 @@ def _too_large(limit: int) -> GatewayError:
         "invalid_request_error",
         "request_too_large",
     )
+
+
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
 
 def make_app(gateway: Gateway, extra_routes: Callable[[web.Application], object] | None = None) -> web.Application:
@@ -638,5 +719,5 @@ def make_app(gateway: Gateway, extra_routes: Callable[[web.Application], object]
     app.router.add_route("*", "/{tail:.*}", gateway.handle_not_found)
     app.on_startup.append(gateway.startup)
     app.on_cleanup.append(gateway.cleanup)
-    app["gateway"] = gateway
+    app[GATEWAY_KEY] = gateway
     return app

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from tokenfuse.config import Config, ConfigError, load_config
 from tokenfuse.gateway.admin import add_admin_routes
 from tokenfuse.gateway.app import Gateway, make_app
+from tokenfuse.gateway.protocol import GuardedServer, Limits
 
 __all__ = ["GatewayServer", "serve"]
 
@@ -76,8 +77,21 @@ class GatewayServer:
             self.config, registry=self.registry, policy=self.policy, meter=meter, environ=self.environ
         )
         app = make_app(self.gateway, extra_routes=lambda a: add_admin_routes(a, self))
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        gw = self.config.gateway
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=gw.keepalive_timeout,
+            max_line_size=gw.max_request_line_bytes,
+            max_field_size=gw.max_header_bytes,
+            max_headers=gw.max_headers,
+        )
         await self._runner.setup()
+        assert self._runner.server is not None
+        GuardedServer.adopt(
+            self._runner.server, Limits(gw.header_timeout, gw.max_connections, self.gateway.count_bad_request)
+        )
         site = web.TCPSite(self._runner, self.host, self.port, backlog=1024, reuse_address=True)
         await site.start()
         server = getattr(site, "_server", None)

@@ -24,7 +24,13 @@ def loads(data: bytes | str) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
+        pass
+    try:
         return json.loads(data)  # what orjson refuses but Python reads: NaN, integers beyond 64 bits
+    except RecursionError:
+        # orjson stops at 1024 levels; the stdlib then recurses until Python's own limit. Nested that deep is
+        # not a request anyone means: the caller's 400, never a 500.
+        raise ValueError("JSON nested too deeply") from None
 
 
 def dumps(obj: Any) -> bytes:
