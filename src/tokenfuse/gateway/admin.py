@@ -24,6 +24,11 @@ __all__ = ["add_admin_routes"]
 
 log = logging.getLogger("tokenfuse.admin")
 _PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+_MAX_TTL_SECONDS = 366 * 86400  # an override longer than a year is a mistake, and a float that large is no date
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number")
 
 
 def add_admin_routes(app: web.Application, server: GatewayServer) -> bool:
@@ -41,6 +46,11 @@ def add_admin_routes(app: web.Application, server: GatewayServer) -> bool:
     def deny() -> web.Response:
         return error_response(401, "admin routes need 'Authorization: Bearer <admin token>'", "authentication_error",
                               "invalid_admin_token")  # fmt: skip
+
+    def bad(status: int, message: str, code: str) -> web.Response:
+        if server.gateway is not None:
+            server.gateway.count_bad_request()
+        return error_response(status, message, "invalid_request_error", code)
 
     def no_policy() -> web.Response:
         return error_response(409, "the policy engine is not running (enforce disabled)", "invalid_request_error",
@@ -65,22 +75,22 @@ def add_admin_routes(app: web.Application, server: GatewayServer) -> bool:
         if dept not in server.config.departments:
             return error_response(404, f"unknown department '{dept}'", "invalid_request_error", "unknown_department")
         try:
-            body: Any = json.loads(await request.read())
-        except ValueError:
-            return error_response(400, "body must be JSON", "invalid_request_error", "invalid_json")
+            body: Any = json.loads(await request.read(), parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            return bad(400, "body must be JSON (no NaN or Infinity, nested at most a few levels)", "invalid_json")
         if not isinstance(body, dict):
-            return error_response(400, "body must be a JSON object", "invalid_request_error", "invalid_json")
+            return bad(400, "body must be a JSON object", "invalid_json")
         action = body.get("action")
         if action not in ("open", "close", "auto"):
-            return error_response(400, "'action' must be one of open, close, auto", "invalid_request_error",
-                                  "invalid_action")  # fmt: skip
+            return bad(400, "'action' must be one of open, close, auto", "invalid_action")
         reason = body.get("reason", "")
         if not isinstance(reason, str):
-            return error_response(400, "'reason' must be a string", "invalid_request_error", "invalid_reason")
+            return bad(400, "'reason' must be a string", "invalid_reason")
         ttl = body.get("ttl_seconds")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0):
-            return error_response(400, "'ttl_seconds' must be a positive number", "invalid_request_error",
-                                  "invalid_ttl")  # fmt: skip
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, int | float) or not (0 < ttl <= _MAX_TTL_SECONDS)
+        ):
+            return bad(400, f"'ttl_seconds' must be a number of seconds > 0 and <= {_MAX_TTL_SECONDS}", "invalid_ttl")
         result = server.policy.override(dept, action, reason, float(ttl) if ttl is not None else None, actor="admin")
         log.info(json.dumps({"event": "admin_override", "department": dept, "action": action, "reason": reason,
                              "ttl_seconds": ttl, "remote": request.remote}))  # fmt: skip
@@ -93,8 +103,7 @@ def add_admin_routes(app: web.Application, server: GatewayServer) -> bool:
             return no_policy()
         period = request.query.get("period", "")
         if not _PERIOD_RE.fullmatch(period):
-            return error_response(400, "'period' must be YYYY-MM, e.g. 2026-11", "invalid_request_error",
-                                  "invalid_period")  # fmt: skip
+            return bad(400, "'period' must be YYYY-MM, e.g. 2026-11", "invalid_period")
         dept = request.query.get("department")
         return web.json_response(server.policy.usage(dept, period))
 

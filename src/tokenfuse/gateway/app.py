@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
@@ -73,9 +74,8 @@ class _HeaderAllowList:
                 self._cache[lname] = ok
         return ok
 
-    def select(self, headers: Mapping[str, str]) -> list[tuple[str, str]]:
-        connection = headers.get("connection")
-        named = {t.strip().lower() for t in connection.split(",")} if connection else ()
+    def select(self, headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+        named = {t.strip().lower() for c in headers.getall("connection", ()) for t in c.split(",")}
         out = []
         for k, v in headers.items():
             lk = k.lower()
