@@ -3,7 +3,7 @@
 Runs the fake upstream and the gateway as separate processes (as in production) and drives them with wrk
 (Debian package ``wrk``), then measures time-to-first-chunk of streams with a Python client. Prints a table.
 
-    python bench/gateway.py [--duration 10] [--enforce]
+    python bench/gateway.py [--duration 10] [--no-enforce]
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=10.0)
-    ap.add_argument("--enforce", action="store_true", help="run the policy engine (local ledger) in the gateway")
+    ap.add_argument("--no-enforce", dest="enforce", action="store_false",
+                    help="meter only: no policy engine in the gateway (default: enforce, local ledger)")  # fmt: skip
+    ap.add_argument("--enforce", dest="enforce", action="store_true", help=argparse.SUPPRESS)  # the old flag
     ap.add_argument("--rounds", type=int, default=3, help="alternating direct/gateway runs per setting (medians)")
     args = ap.parse_args()
     if shutil.which("wrk") is None:

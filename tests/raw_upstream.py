@@ -12,6 +12,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,11 +38,11 @@ class RawRequest:
         return None
 
 
-Answer = Callable[[RawRequest], list[bytes]]
-"""The script: what to send back for a request, as a list of writes (sent in order, ~immediately)."""
+Answer = Callable[[RawRequest], list[bytes | float]]
+"""The script: what to send back for a request, as a list of writes sent in order; a float is a pause in seconds."""
 
 
-def json_answer(req: RawRequest, extra: bytes = b"", interim: bytes = b"") -> list[bytes]:
+def json_answer(req: RawRequest, extra: bytes = b"", interim: bytes = b"") -> list[bytes | float]:
     """A chat completion whose content echoes the request body's ``user`` field, so callers can check it is theirs."""
     try:
         who = json.loads(req.body).get("user", "")
@@ -128,7 +129,10 @@ class RawUpstream:
                     with self._lock:
                         self.requests.append(req)
                     for chunk in self.answer(req):
-                        c.sendall(chunk)
+                        if isinstance(chunk, float):
+                            time.sleep(chunk)
+                        else:
+                            c.sendall(chunk)
         except OSError:
             return
         finally:

@@ -28,7 +28,7 @@ class Limits:
     """What one client connection may hold.
 
     Args:
-        header_timeout: seconds from a connection's first byte (or the end of its last response) to a whole head.
+        header_timeout: seconds to a whole request head, from connecting (first request) or from a head's first byte.
         max_connections: open client connections; more are closed at once.
         on_bad_request: called once per malformed request (it counts it).
     """
