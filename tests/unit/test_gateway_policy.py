@@ -179,7 +179,7 @@ async def test_reload_changes_budget_and_refuses_bad_config(tmp_path: Path) -> N
 
 
 def test_instrumented_client_raises_budget_exceeded(tmp_path: Path) -> None:
-    """The instrumented client with a local policy raises tokenfuse.BudgetExceeded before sending anything."""
+    """With raise_on_block=True the instrumented client raises tokenfuse.BudgetExceeded before sending anything."""
     from tokenfuse.testing.fake_upstream import FakeUpstreamThread
 
     with FakeUpstreamThread() as upstream:
@@ -189,7 +189,8 @@ def test_instrumented_client_raises_budget_exceeded(tmp_path: Path) -> None:
         engine = PolicyEngine(cfg, meter)
         engine.open()
         try:
-            transport = tokenfuse.MeteredTransport(meter=meter, policy=engine, department="marketing")
+            transport = tokenfuse.MeteredTransport(meter=meter, policy=engine, department="marketing",
+                                                   raise_on_block=True)  # fmt: skip
             client = openai.OpenAI(base_url=upstream.url + "/v1", api_key="x", max_retries=0,
                                    http_client=httpx.Client(transport=transport))  # fmt: skip
             upstream.set_usage({"prompt_tokens": 1000, "completion_tokens": 1000})

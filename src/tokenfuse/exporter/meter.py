@@ -176,7 +176,7 @@ class Meter:
             error_type: OTel ``error.type`` (empty on success).
             now: UNIX time of the call (default: now).
         """
-        resp_raw = (usage[6] if usage is not None else None) or labels[4]
+        resp_raw = (usage.model if usage is not None else None) or labels.model
         series = self._series.get((labels, operation, resp_raw))
         if series is None:
             series = self._new_series((labels, operation, resp_raw))
@@ -190,24 +190,24 @@ class Meter:
             d = series.duration.get(error_type)
             if d is None:
                 d = series.duration[error_type] = self.metrics.gen_ai_duration.labels(
-                    operation, labels[3], labels[4], series.response_model, error_type
+                    operation, labels.provider, labels.model, series.response_model, error_type
                 )
 
         cost = 0.0
         priced = True
         inp = out = 0
         if usage is not None:
-            inp, out = usage[0], usage[1]
+            inp, out = usage.input_tokens, usage.output_tokens
             if type(inp) is not int or inp < 0:
                 inp = 0
             if type(out) is not int or out < 0:
                 out = 0
-            if inp or out or usage[5]:
-                cost, priced = self._price(labels[3], resp_raw, usage, request_model or labels[4])
+            if inp or out or usage.details:
+                cost, priced = self._price(labels.provider, resp_raw, usage, request_model or labels.model)
                 if not priced:
-                    self._child(("unpriced", labels[3], labels[4]), self.metrics.unpriced, 2).inc()
-            if usage[7]:
-                self._child(("est", labels[0], labels[3], labels[4]), self.metrics.estimated, 3).inc()
+                    self._child(("unpriced", labels.provider, labels.model), self.metrics.unpriced, 2).inc()
+            if usage.estimated:
+                self._child(("est", labels.department, labels.provider, labels.model), self.metrics.estimated, 3).inc()
         # One lock for every update of the call, the children's values updated in place: see
         # `tokenfuse.exporter.collectors` (prometheus_client would take seven locks).
         with self.metrics.lock:
@@ -237,6 +237,16 @@ class Meter:
             except Exception:
                 log.exception("meter listener failed")
         return rec
+
+    def blocked(self, labels: CallLabels, reason: str) -> CallRecord:
+        """Record a call the policy refused: one ``blocked`` request, and one ``tokenfuse_blocked_requests_total``."""
+        rec = self.record(labels, usage=None, outcome="blocked")
+        self._child(("blocked", labels.department, reason), self.metrics.blocked, 2).inc()
+        return rec
+
+    def observe_overhead(self, route: str, seconds: float) -> None:
+        """Time the gateway added to a call (total minus upstream), for ``tokenfuse_gateway_overhead_seconds``."""
+        self._child(("overhead", route), self.metrics.overhead, 1).observe(max(seconds, 0.0))
 
     def _new_series(self, skey: tuple[CallLabels, str, str]) -> _Series:
         with self._lock:

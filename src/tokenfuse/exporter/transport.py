@@ -1,7 +1,9 @@
 """Instrumented httpx transports: meter every LLM call an httpx-based SDK (openai, anthropic) makes.
 
-The transport wraps another transport and observes the response bytes as the app reads them: nothing is buffered
-or delayed, and a stream is metered when it ends or is closed early. Metering never raises into the app.
+The transport is the httpx adapter of `MeteredCall`: it wraps another transport and shows the call the response
+bytes as the app reads them (nothing is buffered or delayed; a stream is metered when it ends or is closed early).
+A call the policy refuses is answered with a synthetic 429 every SDK raises at once as its own rate-limit error.
+Metering never raises into the app.
 The same classes serve ``httpx`` and ``httpx2`` clients (the official SDKs moved to ``httpx2``, whose API is
 httpx's): they derive from both packages' base classes and pick the default inner transport by the request's type.
 """
@@ -10,48 +12,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-import zlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextvars import ContextVar
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import httpx
 import httpx2
 
-from tokenfuse.exporter.labels import CallLabels
-from tokenfuse.exporter.meter import CallRecord, Meter, default_meter
+from tokenfuse.exporter.admission import ErrorStyle, Policy, refusal
+from tokenfuse.exporter.call import MAX_JSON_BODY, MeteredCall
+from tokenfuse.exporter.meter import Meter, default_meter
 from tokenfuse.metering import jsonio
-from tokenfuse.metering.estimate import estimate_prompt_tokens, estimate_usage, max_output_tokens
-from tokenfuse.metering.extract import detect_api, extract_usage, infer_provider, request_model
-from tokenfuse.metering.stream import StreamUsageParser
-from tokenfuse.metering.types import API_OPERATIONS, Api, Usage
+from tokenfuse.metering.extract import detect_api, infer_provider, request_model
+from tokenfuse.metering.types import Api
 
-__all__ = ["AsyncMeteredTransport", "Enforcer", "MeteredTransport", "current_labels", "labels"]
+__all__ = ["AsyncMeteredTransport", "MeteredTransport", "current_labels", "labels"]
 
 log = logging.getLogger("tokenfuse.exporter")
 
 
-class Enforcer(Protocol):
-    """What the transports need of a policy engine (`tokenfuse.policies.PolicyEngine` is one).
-
-    Defined here so the exporter does not import the policy layer above it.
-    """
-
-    def admit(
-        self, department: str, *, input_tokens: int, max_output_tokens: int, provider: str, model: str
-    ) -> Any: ...
-
-    def settle(self, reservation: Any, record: CallRecord | None) -> None: ...
-
-    def refusal(self, admission: Any) -> Exception: ...
-
-
 _labels: ContextVar[Mapping[str, str] | None] = ContextVar("tokenfuse_labels", default=None)
-_MAX_JSON_BODY = 16 * 1024 * 1024
 _MAX_ROUTES = 1024
 _NOT_CACHED = object()
-_warned_encodings: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -79,214 +61,59 @@ def current_labels() -> Mapping[str, str]:
     return _labels.get() or {}
 
 
-def _decoder(encoding: str) -> Any:
-    enc = encoding.strip().lower()
-    if enc in ("", "identity"):
-        return None
-    if enc == "gzip":
-        return zlib.decompressobj(zlib.MAX_WBITS | 16)
-    if enc == "deflate":
-        return zlib.decompressobj()
-    if enc == "br":
-        try:
-            import brotli  # type: ignore[import-not-found]
-
-            return brotli.Decompressor()
-        except ImportError:
-            pass
-    if enc not in _warned_encodings:
-        _warned_encodings.add(enc)
-        log.warning("cannot decode content-encoding %r for metering; such calls are estimated", enc)
-    return False
+def _head(response: Any) -> tuple[bytes, bytes]:
+    """(content-type, content-encoding) of an httpx response, read from its header list once."""
+    ctype = encoding = b""
+    # httpx's Headers keeps (raw name, lower-case name, value) triples; Headers.get decodes and scans them all
+    # per lookup, and .raw builds a new list: reading the triples once is the cheapest. .raw if that changes.
+    triples = getattr(response.headers, "_list", None)
+    if type(triples) is not list or (triples and len(triples[0]) != 3):
+        triples = [(raw, raw.lower(), value) for raw, value in response.headers.raw]
+    for _, name, value in triples:
+        if name == b"content-type":
+            ctype = value
+        elif name == b"content-encoding":
+            encoding = value
+    return ctype, encoding
 
 
-class _Observation:
-    """One call in flight: collects the response bytes' usage and records the call exactly once."""
-
-    __slots__ = (
-        "_body",
-        "_body_size",
-        "_decoder",
-        "_done",
-        "_parser",
-        "admission",
-        "api",
-        "error_type",
-        "labels",
-        "meter",
-        "policy",
-        "request_json",
-        "request_model",
-        "start",
-        "status",
-    )
-
-    def __init__(
-        self,
-        meter: Meter,
-        api: Api,
-        call_labels: CallLabels,
-        request_model: str | None,
-        request_json: Mapping[str, Any] | None,
-        start: float,
-    ) -> None:
-        self.meter = meter
-        self.api = api
-        self.labels = call_labels
-        self.request_model = request_model
-        self.request_json = request_json
-        self.start = start
-        self.status = 0
-        self.error_type = ""
-        self._parser: StreamUsageParser | None = None
-        self._body: list[bytes] | None = None
-        self._body_size = 0
-        self._decoder: Any = None
-        self._done = False
-        self.policy: Enforcer | None = None
-        self.admission: Any = None
-
-    def on_response(self, response: Any) -> None:
-        self.status = response.status_code
-        if self.status >= 400:
-            return
-        ctype = encoding = b""
-        headers = response.headers
-        # httpx's Headers keeps (raw name, lower-case name, value) triples; Headers.get decodes and scans them all
-        # per lookup, and .raw builds a new list: reading the triples once is the cheapest. .raw if that changes.
-        triples = getattr(headers, "_list", None)
-        if type(triples) is not list or (triples and len(triples[0]) != 3):
-            triples = [(raw, raw.lower(), value) for raw, value in headers.raw]
-        for _, name, value in triples:
-            if name == b"content-type":
-                ctype = value
-            elif name == b"content-encoding":
-                encoding = value
-        dec = _decoder(encoding.decode("latin-1")) if encoding else None
-        self._decoder = dec
-        if dec is False:
-            return
-        if ctype.find(b"text/event-stream") >= 0:  # not ``in``: see metering.stream
-            self._parser = StreamUsageParser(self.api)
-        else:
-            self._body = []
-
-    def attach(self, response: Any, stream_cls: type[Any]) -> Any:
-        """Observe ``response``: its stream is wrapped so the bytes are seen as the app reads them."""
-        self.on_response(response)
+def _attach(call: MeteredCall, response: Any, stream_cls: type[Any]) -> Any:
+    """Show ``call`` the response: its stream is wrapped so the bytes are seen as the app reads them."""
+    try:
+        ctype, encoding = _head(response)
+        call.on_head(response.status_code, ctype, encoding)
         if response.is_stream_consumed:
             # Already read (e.g. a mock transport's response): its content is decoded and complete.
-            content = response.content
-            if self._body is not None and len(content) <= _MAX_JSON_BODY:
-                self._decoder = None
-                self._body.append(content)
-            else:
-                self.feed(response.content, decoded=True)
-            self.finish()
+            call.on_body(response.content)
+            call.finish()
             return response
-        response.stream = stream_cls(response.stream, self)
+    except Exception:
+        log.exception("metering could not read a response head")
+        call.finish("metering_error")
         return response
-
-    def sink(self) -> Any:
-        """What the stream wrappers call with each chunk: the parser's own ``feed`` when nothing needs decoding
-        (one call per chunk instead of two), else `feed`."""
-        parser = self._parser
-        if parser is not None and not self._decoder:
-            return parser.feed
-        return self.feed
-
-    def feed(self, chunk: bytes, decoded: bool = False) -> None:
-        try:
-            if self._decoder and not decoded:
-                chunk = self._decoder.decompress(chunk)
-            if self._parser is not None:
-                self._parser.feed(chunk)
-            elif self._body is not None:
-                self._body_size += len(chunk)
-                if self._body_size <= _MAX_JSON_BODY:
-                    self._body.append(chunk)
-                else:
-                    self._body = None
-        except Exception:
-            log.debug("metering could not read a chunk", exc_info=True)
-            self._parser = None
-            self._body = None
-
-    def finish(self, error: BaseException | None = None) -> None:
-        if self._done:
-            return
-        self._done = True
-        rec = None
-        try:
-            rec = self._record(error)
-        except Exception:
-            log.exception("metering failed; the call itself was not affected")
-        if self.policy is not None and self.admission is not None:
-            try:
-                self.policy.settle(self.admission.reservation, rec)
-            except Exception:
-                log.exception("settling the reservation failed")
-
-    def _record(self, error: BaseException | None) -> CallRecord:
-        usage: Usage | None = None
-        if error is not None and self.status == 0:
-            outcome = "upstream_error"
-            self.error_type = type(error).__name__
-        elif self.status >= 500 or self.status == 429:
-            outcome = "upstream_error"
-            self.error_type = str(self.status)
-        elif self.status >= 400:
-            outcome = "client_error"
-            self.error_type = str(self.status)
-        else:
-            outcome = "success"
-            if self._parser is not None:
-                usage = self._parser.result()
-                if usage is None:
-                    usage = estimate_usage(
-                        self.api,
-                        self.request_json,
-                        self._parser.output_text,
-                        self.request_model,
-                        output_chars=self._parser.output_chars,
-                    )
-            elif self._body is not None:
-                usage = extract_usage(self.api, b"".join(self._body))
-                if usage is None:
-                    usage = estimate_usage(self.api, self.request_json, "", self.request_model)
-            else:
-                usage = estimate_usage(self.api, self.request_json, "", self.request_model)
-            if error is not None:
-                self.error_type = type(error).__name__
-        return self.meter.record(
-            self.labels,
-            usage=usage,
-            outcome=outcome,
-            operation=API_OPERATIONS.get(self.api, "chat"),
-            request_model=self.request_model,
-            duration=time.perf_counter() - self.start,
-            error_type=self.error_type,
-        )
+    response.stream = stream_cls(response.stream, call)
+    return response
 
 
 class _SyncObservedStream(httpx.SyncByteStream, httpx2.SyncByteStream):
-    def __init__(self, inner: Any, obs: _Observation) -> None:
+    def __init__(self, inner: Any, call: MeteredCall) -> None:
         self._inner = inner
-        self._obs = obs
+        self._call = call
 
     def __iter__(self) -> Iterator[bytes]:
-        obs = self._obs
-        feed = obs.sink()
+        call = self._call
+        feed = call.sink()
         try:
             for chunk in self._inner:
                 feed(chunk)
                 yield chunk
         except GeneratorExit:
-            obs.finish()  # the app stopped reading: meter what it got
+            call.finish("client_closed")  # the app stopped reading: meter what it got
             raise
         except BaseException as e:
-            obs.finish(e)
+            call.finish(type(e).__name__)
             raise
+        call.end()
 
     def close(self) -> None:
         try:
@@ -294,27 +121,28 @@ class _SyncObservedStream(httpx.SyncByteStream, httpx2.SyncByteStream):
             if close is not None:
                 close()
         finally:
-            self._obs.finish()
+            self._call.finish("" if self._call.ended else "client_closed")
 
 
 class _AsyncObservedStream(httpx.AsyncByteStream, httpx2.AsyncByteStream):
-    def __init__(self, inner: Any, obs: _Observation) -> None:
+    def __init__(self, inner: Any, call: MeteredCall) -> None:
         self._inner = inner
-        self._obs = obs
+        self._call = call
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        obs = self._obs
-        feed = obs.sink()
+        call = self._call
+        feed = call.sink()
         try:
             async for chunk in self._inner:
                 feed(chunk)
                 yield chunk
         except GeneratorExit:
-            obs.finish()
+            call.finish("client_closed")
             raise
         except BaseException as e:
-            obs.finish(e)
+            call.finish(type(e).__name__)
             raise
+        call.end()
 
     async def aclose(self) -> None:
         try:
@@ -322,11 +150,11 @@ class _AsyncObservedStream(httpx.AsyncByteStream, httpx2.AsyncByteStream):
             if aclose is not None:
                 await aclose()
         finally:
-            self._obs.finish()
+            self._call.finish("" if self._call.ended else "client_closed")
 
 
 class _Instrument:
-    """What both transports share: decide whether a request is an LLM call and open its observation."""
+    """What both transports share: decide whether a request is an LLM call, begin its `MeteredCall`, admit it."""
 
     def __init__(
         self,
@@ -336,10 +164,12 @@ class _Instrument:
         project: str | None,
         environment: str | None,
         provider: str | None,
-        policy: Enforcer | None = None,
+        policy: Policy | None,
+        raise_on_block: bool,
     ) -> None:
         self._meter = meter
         self.policy = policy
+        self.raise_on_block = raise_on_block
         self.department = department
         self.project = project
         self.environment = environment
@@ -368,7 +198,8 @@ class _Instrument:
             self._routes[key] = route
         return cast("tuple[Api, str] | None", route)
 
-    def observe(self, request: Any) -> _Observation | None:
+    def begin(self, request: Any) -> MeteredCall | None:
+        """The call ``request`` starts, or None when it is not an LLM call (or cannot be inspected)."""
         try:
             if request.method != "POST":
                 return None
@@ -382,7 +213,7 @@ class _Instrument:
                 content = request.content
             except (httpx.RequestNotRead, httpx2.RequestNotRead):
                 content = b""
-            if content and len(content) <= _MAX_JSON_BODY:
+            if content and len(content) <= MAX_JSON_BODY:
                 try:
                     try:
                         parsed = jsonio.fast_loads(content)
@@ -416,37 +247,28 @@ class _Instrument:
                     provider=provider,
                     model=model,
                 )
-            obs = _Observation(meter, api, call_labels, model, body, time.perf_counter())
+            return MeteredCall(meter, api, call_labels, model, body)
         except Exception:
             log.exception("metering could not inspect a request; it is forwarded unmetered")
             return None
-        if self.policy is not None:
-            self._enforce(obs, self.policy)
-        return obs
 
-    def _enforce(self, obs: _Observation, policy: Enforcer) -> None:
-        """Reserve the call's worst case, or count it as blocked and raise the policy's refusal."""
-        try:
-            body = obs.request_json or {}
-            prompt = estimate_prompt_tokens(obs.api, body, obs.request_model)
-            out = 0 if obs.api == "openai.embeddings" else max_output_tokens(obs.api, body, 4096)
-            admission = policy.admit(
-                obs.labels.department,
-                input_tokens=prompt,
-                max_output_tokens=out,
-                provider=obs.labels.provider,
-                model=obs.labels.model,
-            )
-        except Exception:
-            log.exception("policy check failed; the call goes out unenforced")
-            return
-        if admission.admitted:
-            obs.policy = policy
-            obs.admission = admission
-            return
-        obs.meter.record(obs.labels, usage=None, outcome="blocked")
-        obs.meter.metrics.blocked.labels(obs.labels.department, admission.reason or "fuse_open").inc()
-        raise policy.refusal(admission)
+    def refused(self, request: Any, call: MeteredCall) -> Any:
+        """A response for ``request`` if its call is refused (a synthetic 429, or the policy's exception raised
+        when ``raise_on_block``), else None: the call goes out."""
+        admission = call.admit(self.policy)
+        if admission is None or admission.admitted:
+            return None
+        if self.raise_on_block and self.policy is not None:
+            raise self.policy.refusal(admission)
+        r = refusal(admission)
+        style: ErrorStyle = "anthropic" if call.api == "anthropic.messages" else "openai"
+        cls = httpx2.Response if isinstance(request, httpx2.Request) else httpx.Response
+        return cls(
+            r.status,
+            headers={**r.headers, "content-type": "application/json"},
+            content=r.body(style),
+            request=request,
+        )
 
 
 class _Metered:
@@ -461,7 +283,8 @@ class _Metered:
         environment: str | None = None,
         provider: str | None = None,
         meter: Meter | None = None,
-        policy: Enforcer | None = None,
+        policy: Policy | None = None,
+        raise_on_block: bool = False,
     ) -> None:
         self._inner: Any = transport
         self._instrument = _Instrument(
@@ -471,6 +294,7 @@ class _Metered:
             environment=environment,
             provider=provider,
             policy=policy,
+            raise_on_block=raise_on_block,
         )
 
 
@@ -487,8 +311,10 @@ class MeteredTransport(_Metered, httpx.BaseTransport, httpx2.BaseTransport):
         environment: environment label.
         provider: genai-prices provider id; default: inferred from the host and API shape.
         meter: where to record (default: the process-wide meter on the global registry).
-        policy: a `tokenfuse.policies.PolicyEngine` on the same meter: calls its department may not make raise
-            `tokenfuse.BudgetExceeded` before anything is sent.
+        policy: a `tokenfuse.policies.PolicyEngine` on the same meter: a call its department may not make is
+            answered, before anything is sent, with a 429 (``x-should-retry: false``, ``Retry-After``, code
+            ``department_fuse_open`` or ``insufficient_budget``) that each SDK raises as its own rate-limit error.
+        raise_on_block: raise `tokenfuse.BudgetExceeded` for a refused call instead of answering 429.
     """
 
     def _transport(self, request: Any) -> Any:
@@ -498,15 +324,20 @@ class MeteredTransport(_Metered, httpx.BaseTransport, httpx2.BaseTransport):
 
     def handle_request(self, request: Any) -> Any:
         inner = self._inner if self._inner is not None else self._transport(request)
-        obs = self._instrument.observe(request)
-        if obs is None:
+        ins = self._instrument
+        call = ins.begin(request)
+        if call is None:
             return inner.handle_request(request)
+        if ins.policy is not None:
+            refused = ins.refused(request, call)
+            if refused is not None:
+                return refused
         try:
             response = inner.handle_request(request)
         except BaseException as e:
-            obs.finish(e)
+            call.finish(type(e).__name__)
             raise
-        return obs.attach(response, _SyncObservedStream)
+        return _attach(call, response, _SyncObservedStream)
 
     def close(self) -> None:
         if self._inner is not None:
@@ -525,15 +356,20 @@ class AsyncMeteredTransport(_Metered, httpx.AsyncBaseTransport, httpx2.AsyncBase
 
     async def handle_async_request(self, request: Any) -> Any:
         inner = self._inner if self._inner is not None else self._transport(request)
-        obs = self._instrument.observe(request)
-        if obs is None:
+        ins = self._instrument
+        call = ins.begin(request)
+        if call is None:
             return await inner.handle_async_request(request)
+        if ins.policy is not None:
+            refused = ins.refused(request, call)
+            if refused is not None:
+                return refused
         try:
             response = await inner.handle_async_request(request)
         except BaseException as e:
-            obs.finish(e)
+            call.finish(type(e).__name__)
             raise
-        return obs.attach(response, _AsyncObservedStream)
+        return _attach(call, response, _AsyncObservedStream)
 
     async def aclose(self) -> None:
         if self._inner is not None:

@@ -11,7 +11,6 @@ import contextlib
 import fnmatch
 import hashlib
 import logging
-import math
 import os
 import re
 import time
@@ -25,15 +24,15 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from tokenfuse.config import NEVER_FORWARDED, UNASSIGNED, Config, Upstream
-from tokenfuse.exporter.labels import CallLabels
+from tokenfuse.exporter.admission import refusal
+from tokenfuse.exporter.call import MeteredCall
 from tokenfuse.exporter.meter import Meter
 from tokenfuse.gateway.errors import ErrorStyle, GatewayError, error_response
 from tokenfuse.gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
 from tokenfuse.metering import jsonio
-from tokenfuse.metering.estimate import estimate_prompt_tokens, estimate_usage, max_output_tokens
-from tokenfuse.metering.extract import extract_usage, request_model
-from tokenfuse.metering.stream import StreamUsageParser
-from tokenfuse.metering.types import API_OPERATIONS, Api, Usage
+from tokenfuse.metering.extract import request_model
+from tokenfuse.metering.types import Api
+from tokenfuse.policies import PolicyEngine
 
 __all__ = ["GATEWAY_KEY", "Gateway", "make_app"]
 
@@ -165,7 +164,7 @@ class Gateway:
         config: Config,
         *,
         registry: CollectorRegistry | None = None,
-        policy: Any = None,
+        policy: PolicyEngine | None = None,
         meter: Meter | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
@@ -330,18 +329,15 @@ class Gateway:
         labels = self.meter.labels(
             department=dept, project=project, environment=environment, provider=upstream.provider, model=model
         )
-        admission = None
-        if self.policy is not None:
-            admission = await self._admit(api, body, labels, upstream)
-            if not admission.admitted:
-                return self._blocked(labels, admission, style)
+        call = MeteredCall(self.meter, api, labels, model, body, start=t0)
+        admission = call.admit(self.policy)
+        if admission is not None and not admission.admitted:
+            r = refusal(admission)
+            return web.Response(status=r.status, body=r.body(style), content_type="application/json", headers=r.headers)
         try:
-            return await self._forward(
-                request, api, body, raw, target, labels, upstream, stream, inject_usage, admission, t0, style
-            )
-        except BaseException:
-            if admission is not None and self.policy is not None:
-                self.policy.settle(admission.reservation, None)
+            return await self._forward(request, call, raw, target, upstream, stream, inject_usage, style)
+        except BaseException as e:
+            call.finish(type(e).__name__)  # e.g. the client went away while the upstream was thinking
             raise
 
     def _tags(self, request: web.Request, body: dict[str, Any], dept: str) -> tuple[str | None, str | None, bool]:
@@ -382,49 +378,9 @@ class Gateway:
             )
         return project, environment, edited
 
-    async def _admit(self, api: Api, body: dict[str, Any], labels: CallLabels, upstream: Upstream) -> Any:
-        dep = self.config.departments.get(labels.department)
-        if dep is None or (dep.monthly_budget_usd is None and dep.hourly_token_limit is None):
-            prompt = 0
-        else:
-            prompt = estimate_prompt_tokens(api, body, labels.model)
-        out = 0 if api == "openai.embeddings" else max_output_tokens(api, body, self.config.policy.default_max_tokens)
-        return self.policy.admit(
-            labels.department,
-            input_tokens=prompt,
-            max_output_tokens=out,
-            provider=upstream.provider,
-            model=labels.model,
-        )
-
-    def _blocked(self, labels: CallLabels, admission: Any, style: ErrorStyle) -> web.Response:
-        self.meter.record(labels, usage=None, outcome="blocked")
-        reason = admission.reason or "fuse_open"
-        self.meter.metrics.blocked.labels(labels.department, reason).inc()
-        retry = admission.retry_after
-        headers = {
-            "x-should-retry": "false",
-            "x-tokenfuse-department": labels.department,
-            "x-tokenfuse-fuse-state": str(admission.state),
-        }
-        if retry is not None and math.isfinite(retry):
-            headers["retry-after"] = str(max(1, math.ceil(retry)))
-        if reason == "fuse_open":
-            code = "department_fuse_open"
-            msg = (
-                f"Department '{labels.department}' is over its limit and its fuse is open; "
-                "requests are refused until it closes."
-            )
-        else:
-            code = "insufficient_budget"
-            msg = (
-                f"Department '{labels.department}' has not enough budget or tokens left for this request's worst case "
-                "(prompt + max_tokens); lower max_tokens or wait."
-            )
-        return error_response(429, msg, "budget_exceeded", code, headers, style)
-
-    def _success_headers(self, labels: CallLabels, admission: Any) -> dict[str, str]:
-        h = {"x-tokenfuse-department": labels.department}
+    def _success_headers(self, call: MeteredCall) -> dict[str, str]:
+        h = {"x-tokenfuse-department": call.labels.department}
+        admission = call.admission
         if admission is not None:
             if admission.budget_remaining_usd is not None:
                 h["x-tokenfuse-budget-remaining-usd"] = f"{max(admission.budget_remaining_usd, 0.0):.6f}"
@@ -450,16 +406,12 @@ class Gateway:
     async def _forward(
         self,
         request: web.Request,
-        api: Api,
-        body: dict[str, Any],
+        call: MeteredCall,
         raw: bytes,
         target: str,
-        labels: CallLabels,
         upstream: Upstream,
         stream: bool,
         inject_usage: bool,
-        admission: Any,
-        t0: float,
         style: ErrorStyle,
     ) -> web.StreamResponse:
         client, headers = self._upstream_request(request, upstream)
@@ -467,68 +419,52 @@ class Gateway:
         try:
             up = await client.send(target, headers, raw, stream=stream)
         except UpstreamTimeout as e:
-            return self._upstream_failed(
-                labels, admission, 504, "upstream_timeout", f"upstream '{upstream.name}': {e}", t0, style
-            )
+            return self._upstream_failed(call, 504, "upstream_timeout", f"upstream '{upstream.name}': {e}", style)
         except UpstreamError as e:
-            return self._upstream_failed(
-                labels, admission, 502, "upstream_unreachable", f"upstream '{upstream.name}': {e}", t0, style
-            )
+            return self._upstream_failed(call, 502, "upstream_unreachable", f"upstream '{upstream.name}': {e}", style)
         try:
             ctype = up.header("content-type")
+            call.on_head(up.status, ctype.encode("latin-1"), up.header("content-encoding").encode("latin-1"))
             resp_headers = {k: v for k, v in up.headers if k.lower() not in _DROP_RESPONSE}
-            resp_headers.update(self._success_headers(labels, admission))
+            resp_headers.update(self._success_headers(call))
             if "text/event-stream" in ctype and up.status < 400:
-                return await self._stream(
-                    request, api, body, up, resp_headers, labels, inject_usage, admission, t0, t_up
-                )
+                return await self._stream(request, call, up, resp_headers, inject_usage, t_up)
             try:
                 data = await up.read()
             except UpstreamTimeout as e:
-                return self._upstream_failed(labels, admission, 504, "upstream_timeout", str(e), t0, style)
+                return self._upstream_failed(call, 504, "upstream_timeout", str(e), style)
             except UpstreamError as e:
-                return self._upstream_failed(labels, admission, 502, "upstream_unreachable", str(e), t0, style)
+                return self._upstream_failed(call, 502, "upstream_unreachable", str(e), style)
             t_back = time.perf_counter()
-            status = up.status
         finally:
             await up.release()
-        usage: Usage | None = None
-        if status < 400:
-            usage = extract_usage(api, data)
-            if usage is None:
-                usage = estimate_usage(api, body, "", labels.model)
-            outcome = "success"
-        else:
-            outcome = "upstream_error" if status >= 500 or status == 429 else "client_error"
-        self._finish(labels, api, usage, outcome, admission, t0, str(status) if status >= 400 else "")
+        call.feed(data)
+        call.end()
+        call.finish()
         await self._durable()
-        resp = web.Response(status=status, body=data, headers=resp_headers)
-        self.meter.metrics.overhead.labels("json").observe(max(time.perf_counter() - t0 - (t_back - t_up), 0.0))
+        resp = web.Response(status=up.status, body=data, headers=resp_headers)
+        self.meter.observe_overhead("json", time.perf_counter() - call.start - (t_back - t_up))
         return resp
 
     async def _stream(
         self,
         request: web.Request,
-        api: Api,
-        body: dict[str, Any],
+        call: MeteredCall,
         up: UpstreamResponse,
         resp_headers: dict[str, str],
-        labels: CallLabels,
         inject_usage: bool,
-        admission: Any,
-        t0: float,
         t_up: float,
     ) -> web.StreamResponse:
-        parser = StreamUsageParser(api)
+        feed = call.sink()
         filt = _UsageChunkFilter() if inject_usage else None
         resp = web.StreamResponse(status=up.status, headers=resp_headers)
         client_gone = False
         upstream_failed = False
-        self.meter.metrics.overhead.labels("stream").observe(t_up - t0)
+        self.meter.observe_overhead("stream", t_up - call.start)
         try:
             await resp.prepare(request)
             async for chunk in up.iter_chunks():
-                parser.feed(chunk)
+                feed(chunk)
                 out = filt.feed(chunk) if filt is not None else chunk
                 if out:
                     try:
@@ -536,6 +472,8 @@ class Gateway:
                     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                         client_gone = True
                         break
+            else:
+                call.end()
             if filt is not None and not client_gone:
                 rest = filt.flush()
                 if rest:
@@ -546,11 +484,7 @@ class Gateway:
             client_gone = True
             raise
         finally:
-            usage = parser.result()
-            if usage is None:
-                usage = estimate_usage(api, body, parser.output_text, labels.model, output_chars=parser.output_chars)
-            error = "client_closed" if client_gone else ("stream_cut" if upstream_failed else "")
-            self._finish(labels, api, usage, "success", admission, t0, error)
+            call.finish("client_closed" if client_gone else ("stream_cut" if upstream_failed else ""))
         if upstream_failed and request.transport is not None:
             # The upstream cut the stream: cut the client's too, so it cannot mistake a partial answer for a whole one.
             request.transport.close()
@@ -567,38 +501,12 @@ class Gateway:
             if fut is not None:
                 await fut
 
-    def _finish(
-        self,
-        labels: CallLabels,
-        api: Api,
-        usage: Usage | None,
-        outcome: str,
-        admission: Any,
-        t0: float,
-        error_type: str,
-    ) -> None:
-        rec = self.meter.record(
-            labels,
-            usage=usage,
-            outcome=outcome,
-            operation=API_OPERATIONS.get(api, "chat"),
-            request_model=labels.model,
-            duration=time.perf_counter() - t0,
-            error_type=error_type,
-        )
-        if admission is not None and self.policy is not None:
-            self.policy.settle(admission.reservation, rec)
-
     def _upstream_failed(
-        self, labels: CallLabels, admission: Any, status: int, code: str, message: str, t0: float, style: ErrorStyle
+        self, call: MeteredCall, status: int, code: str, message: str, style: ErrorStyle
     ) -> web.Response:
-        self.meter.record(
-            labels, usage=None, outcome="upstream_error", duration=time.perf_counter() - t0, error_type=code
-        )
-        if admission is not None and self.policy is not None:
-            self.policy.settle(admission.reservation, None)
+        call.finish(code)
         return error_response(
-            status, message, "api_error", code, {"x-tokenfuse-department": labels.department}, style
+            status, message, "api_error", code, {"x-tokenfuse-department": call.labels.department}, style
         )
 
     def count_bad_request(self) -> None:
@@ -631,11 +539,19 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
+        """503 while not started, or while the policy source is down with ``on_source_error: fail_closed``."""
         ok = self.ready
-        detail: dict[str, Any] = {"status": "ready" if ok else "starting"}
-        if self.policy is not None and hasattr(self.policy, "source_healthy"):
-            healthy = bool(self.policy.source_healthy())
-            detail["policy_source"] = "up" if healthy else "down"
+        detail: dict[str, object] = {"status": "ready" if ok else "starting"}
+        if self.policy is not None:
+            name, up, age = self.policy.source_health()
+            detail["policy_source"] = {
+                "name": name,
+                "up": up,
+                "last_ok_age_seconds": None if age is None else round(age, 3),
+            }
+            if ok and self.policy.blocks_when_source_down():
+                ok = False
+                detail["status"] = "policy_source_down"
         return web.json_response(detail, status=200 if ok else 503)
 
     async def handle_not_found(self, request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from tokenfuse.gateway.errors import error_body
+from tokenfuse.exporter.admission import error_body
 
 __all__ = ["GuardedServer", "Limits"]
 

@@ -8,7 +8,6 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -17,6 +16,7 @@ from tokenfuse.config import Config, ConfigError, load_config
 from tokenfuse.gateway.admin import add_admin_routes
 from tokenfuse.gateway.app import Gateway, make_app
 from tokenfuse.gateway.protocol import GuardedServer, Limits
+from tokenfuse.policies import PolicyEngine
 
 __all__ = ["GatewayServer", "serve"]
 
@@ -54,7 +54,7 @@ class GatewayServer:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.environ = environ
         self.enforce = enforce
-        self.policy: Any = None
+        self.policy: PolicyEngine | None = None
         self.gateway: Gateway | None = None
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -64,8 +64,6 @@ class GatewayServer:
 
         meter = Meter(self.config, self.registry)
         if self.enforce:
-            from tokenfuse.policies import PolicyEngine
-
             self.policy = PolicyEngine(self.config, meter, group_commit=True)
             await self.policy.start()
             # Admission counts prompt tokens with tiktoken; loading its tables takes ~0.6 s, which would otherwise

@@ -19,6 +19,7 @@ __all__ = [
     "extract_usage",
     "infer_provider",
     "request_model",
+    "response_text",
     "usage_from_root",
     "wants_stream",
 ]
@@ -587,3 +588,55 @@ def extract_usage(api: Api, body: bytes | str | Mapping[str, Any]) -> Usage | No
         return usage_from_root(api, jsonio.loads(data))
     except Exception:  # a malformed body must never break metering: no usage is the answer
         return None
+
+
+# Where each API puts what the model generated, and the keys whose string values are generated text (answer,
+# reasoning, tool arguments) — the same parts `StreamUsageParser` collects from a stream.
+_OUTPUT_ROOTS: Mapping[str, str] = {
+    "openai.chat": "choices",
+    "openai.completions": "choices",
+    "openai.responses": "output",
+    "anthropic.messages": "content",
+    "google.generate_content": "candidates",
+}
+_TEXT_KEYS = frozenset({"content", "text", "reasoning_content", "reasoning", "refusal", "arguments", "thinking",
+                        "partial_json"})  # fmt: skip
+_NESTED_KEYS = frozenset({"message", "content", "parts", "tool_calls", "function", "summary", "functionCall", "args"})
+
+
+def response_text(api: Api, body: bytes | Mapping[str, Any]) -> str:
+    """The generated text of a non-streamed response (answer, reasoning, tool arguments), for estimating output
+    when the response reports no usage. Never raises; "" when there is none or the body is not JSON."""
+    try:
+        root = jsonio.loads(body) if isinstance(body, bytes) else body
+        if not _is_map(root):
+            return ""
+        key = _OUTPUT_ROOTS.get(api)
+        if key is None:
+            return ""
+        out: list[str] = []
+        _collect(root.get(key), out, 0)
+        return "\n".join(out)
+    except Exception:
+        return ""
+
+
+def _collect(node: object, out: list[str], depth: int) -> None:
+    if depth > 12:
+        return
+    if isinstance(node, list):
+        for item in node:
+            _collect(item, out, depth + 1)
+    elif _is_map(node):
+        for k, v in node.items():
+            if isinstance(v, str):
+                if k in _TEXT_KEYS and v:
+                    out.append(v)
+            elif k in _NESTED_KEYS or k in _TEXT_KEYS:
+                if k == "args" and _is_map(v):
+                    out.append(jsonio.dumps(v).decode())
+                else:
+                    _collect(v, out, depth + 1)
+        inp = node.get("input")
+        if node.get("type") == "tool_use" and _is_map(inp):
+            out.append(jsonio.dumps(inp).decode())

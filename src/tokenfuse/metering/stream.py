@@ -98,6 +98,7 @@ class StreamUsageParser:
 
     __slots__ = (
         "_anthropic",
+        "_anthropic_delta",
         "_anthropic_model",
         "_buf",
         "_cr",
@@ -133,6 +134,7 @@ class StreamUsageParser:
         self._usage_raw: list[bytes] = []
         self._anthropic: dict[str, Any] | None = None
         self._anthropic_model: object = None
+        self._anthropic_delta = False
         self._text: list[bytes] = []
         self._text_bytes = 0
         self._text_dropped = 0
@@ -262,6 +264,8 @@ class StreamUsageParser:
                     typ is None and (data.find(b'"message_start"') >= 0 or data.find(b'"message_delta"') >= 0)
                 ):
                     self._anthropic = self._anthropic_event(data, self._anthropic)
+                    if typ == b"message_delta" or (typ is None and data.find(b'"message_delta"') >= 0):
+                        self._anthropic_delta = True
         if text_re is not None:
             found = text_re.findall(data, pos)
             if kind == _CHAT and not (found and found[0]):
@@ -336,6 +340,27 @@ class StreamUsageParser:
             return None
         except Exception:  # never raise from metering
             return None
+
+    @property
+    def usage_final(self) -> bool:
+        """Whether the usage seen is the stream's final count, not a partial one: Anthropic's ``message_start``
+        (output_tokens: 1) is partial until a ``message_delta`` carries the count; Gemini repeats a growing
+        ``usageMetadata`` on every chunk until the one with ``finishReason``; the others report only at the end."""
+        try:
+            if self._kind == _ANTHROPIC:
+                tail = self._tail_data()
+                if tail is not None and tail.find(b'"message_delta"') >= 0:
+                    return True
+                return self._anthropic_delta
+            if self._kind == _GOOGLE:
+                tail = self._tail_data()
+                last = tail if tail is not None and tail.find(b'"usageMetadata"') >= 0 else None
+                if last is None and self._usage_raw:
+                    last = self._usage_raw[-1]
+                return last is not None and last.find(b'"finishReason"') >= 0
+            return True
+        except Exception:
+            return False
 
     @property
     def output_text(self) -> str:

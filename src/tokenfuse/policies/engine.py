@@ -15,10 +15,10 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from tokenfuse.config import Config, format_duration
+from tokenfuse.exporter.admission import Admission, Reservation
 from tokenfuse.metering.types import Usage
 from tokenfuse.policies.fuse import (
     Fuse,
@@ -44,52 +44,6 @@ log = logging.getLogger("tokenfuse.policy")
 _RESERVATION_TTL_FLOOR = 600.0
 # Enum member lookups cost ~0.35 µs each on Python 3.11, and admit is on every request's path.
 _CLOSED, _OPEN, _HALF_OPEN = FuseState.CLOSED, FuseState.OPEN, FuseState.HALF_OPEN
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """Worst-case usage set aside for one admitted request until it settles.
-
-    Args:
-        id: unique within the engine.
-        department: whose limits it counts against.
-        tokens: prompt estimate + max output tokens.
-        cost_usd: those tokens priced.
-        at: UNIX time of admission.
-        probe_epoch: the fuse epoch when this was a HALF_OPEN probe, else None.
-    """
-
-    id: int
-    department: str
-    tokens: int
-    cost_usd: float
-    at: float
-    probe_epoch: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """The engine's answer to "may this request go out?".
-
-    Args:
-        admitted: True to forward.
-        department: the department asked about.
-        state: the fuse state.
-        reason: None when admitted, else ``fuse_open`` | ``insufficient_budget`` | ``token_limit``.
-        retry_after: seconds until retrying can help; None when unknown or never.
-        budget_remaining_usd: budget left after this reservation; None without a budget.
-        tokens_remaining: window tokens left after this reservation; None without a limit.
-        reservation: settle it with `PolicyEngine.settle`; None when nothing was reserved.
-    """
-
-    admitted: bool
-    department: str
-    state: FuseState
-    reason: str | None
-    retry_after: float | None
-    budget_remaining_usd: float | None
-    tokens_remaining: int | None
-    reservation: Reservation | None
 
 
 class BudgetExceeded(Exception):
@@ -612,6 +566,28 @@ class PolicyEngine:
             d.reserved_usd = 0.0
         if r.probe_epoch is not None:
             d.fuse.probe_done(r.probe_epoch)
+
+    @property
+    def default_max_tokens(self) -> int:
+        """Worst-case output reserved when a request sets no maximum (``policy.default_max_tokens``)."""
+        return self.config.policy.default_max_tokens
+
+    def limited(self, department: str) -> bool:
+        """Whether ``department`` has a token limit or a budget (only then is a prompt estimate needed)."""
+        d = self._depts.get(department)
+        return d is not None and d.limits.limited
+
+    def source_health(self, now: float | None = None) -> tuple[str, bool, float | None]:
+        """The rate source's name, whether it answered last time, and the age of its last good answer in seconds
+        (None before the first; 0 for the local ledger, which is read in place)."""
+        if self._local:
+            return self.source.name, True, 0.0
+        now = self._clock() if now is None else now
+        return self.source.name, self._source_up, (now - self._last_ok) if self._last_ok else None
+
+    def blocks_when_source_down(self) -> bool:
+        """True while the source is down past ``max_staleness`` with ``on_source_error: fail_closed``."""
+        return self._stale_mode == "fail_closed"
 
     def durable(self) -> asyncio.Future[None] | None:
         """A future that completes once every call recorded so far is committed (None: nothing is pending).
