@@ -376,6 +376,9 @@ class PolicyConfig(_Model):
 
 
 class MeteringConfig(_Model):
+    max_departments: int = Field(
+        default=100, ge=1, description="distinct department labels taken from code when no departments are configured"
+    )
     max_projects: int = Field(default=50, ge=1, description="distinct project labels per department")
     max_environments: int = Field(default=10, ge=1, description="distinct environment labels per department")
 

@@ -23,6 +23,7 @@ _VALUE_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}$")
 _MAX_MODELS_PER_PROVIDER = 200
 _MAX_PROVIDERS = 50
+_MAX_WARNED = 1000  # the names warned about come from callers: the memory of them is bounded too
 
 
 class CallLabels(NamedTuple):
@@ -55,9 +56,29 @@ class LabelBounds:
         self._warned: set[tuple[str, str]] = set()
 
     def department(self, name: str | None) -> str:
-        if name and name in self._config.departments:
+        """The department label of a call billed to ``name``.
+
+        With departments configured, only they are labels: another name is ``unassigned`` (logged once per name).
+        With none configured (an instrumented client on its own), a valid name given in code is the label, up to
+        ``metering.max_departments`` of them, then ``other``.
+        """
+        if not name:
+            return UNASSIGNED
+        departments = self._config.departments
+        if departments:
+            if name in departments:
+                return name
+            self._warn_once("department", name[:63], f"department {name[:63]!r} is not configured; its calls "
+                            "count as 'unassigned' (add it under departments: in the config)")  # fmt: skip
+            return UNASSIGNED
+        seen = self._seen.get(("department", "*"))
+        if seen is not None and name in seen:
             return name
-        return UNASSIGNED
+        if not _VALUE_RE.fullmatch(name):
+            self._warn_once("department", name[:63], f"department label {name[:40]!r} is not a valid label value "
+                            "(lowercase letters, digits, '_', '-', '.'); counted as 'unassigned'")  # fmt: skip
+            return UNASSIGNED
+        return self._capped("department", "*", name, self._config.metering.max_departments, None)
 
     def _capped(self, kind: str, scope: str, value: str | None, cap: int, allowed: list[str] | None) -> str:
         if value is None or value == "":
@@ -135,6 +156,6 @@ class LabelBounds:
         )
 
     def _warn_once(self, kind: str, scope: str, message: str) -> None:
-        if (kind, scope) not in self._warned:
+        if (kind, scope) not in self._warned and len(self._warned) < _MAX_WARNED:
             self._warned.add((kind, scope))
             log.warning(message)
