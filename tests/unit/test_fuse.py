@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokenfuse.policies.calendar import month_of, parse_period
 from tokenfuse.policies.fuse import (
     Fuse,
     FuseLimits,
@@ -16,8 +17,6 @@ from tokenfuse.policies.fuse import (
     OpenCause,
     Override,
     Reading,
-    month_of,
-    parse_period,
 )
 
 TOKYO = ZoneInfo("Asia/Tokyo")

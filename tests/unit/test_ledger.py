@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from tokenfuse.config import parse_config
 from tokenfuse.exporter.meter import Meter
 from tokenfuse.metering.types import Usage
-from tokenfuse.policies.fuse import month_of, parse_period
+from tokenfuse.policies.calendar import month_of, parse_period
 from tokenfuse.policies.ledger import Ledger, LedgerError
 
 TOKYO = ZoneInfo("Asia/Tokyo")

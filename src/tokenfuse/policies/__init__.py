@@ -5,19 +5,9 @@
 
 from __future__ import annotations
 
+from tokenfuse.policies.calendar import Period, month_of, parse_period
 from tokenfuse.policies.engine import Admission, BudgetExceeded, PolicyEngine, Reservation
-from tokenfuse.policies.fuse import (
-    Fuse,
-    FuseLimits,
-    FuseState,
-    OpenCause,
-    Override,
-    Period,
-    Reading,
-    Transition,
-    month_of,
-    parse_period,
-)
+from tokenfuse.policies.fuse import Fuse, FuseLimits, FuseState, OpenCause, Override, Reading, Transition
 from tokenfuse.policies.ledger import Ledger, LedgerError
 from tokenfuse.policies.sources import LocalSource, PrometheusSource, RateSource, Readings, SourceError
 

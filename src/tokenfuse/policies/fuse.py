@@ -1,4 +1,4 @@
-"""The per-department fuse: a pure state machine (closed → open → half-open) and the budget calendar.
+"""The per-department fuse: a pure state machine (closed → open → half-open).
 
 No I/O and no clock: every method takes ``now`` (UNIX seconds) and the usage the rate source saw, so each
 transition can be pinned by a test. The engine persists `Fuse.snapshot` and exports the transitions it returns.
@@ -7,7 +7,6 @@ transition can be pinned by a test. The engine persists `Fuse.snapshot` and expo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -17,11 +16,8 @@ __all__ = [
     "FuseState",
     "OpenCause",
     "Override",
-    "Period",
     "Reading",
     "Transition",
-    "month_of",
-    "parse_period",
 ]
 
 
@@ -44,63 +40,6 @@ class OpenCause(StrEnum):
     BUDGET = "budget"
     OVERRIDE = "override"
     SOURCE_UNAVAILABLE = "source_unavailable"
-
-
-@dataclass(frozen=True, slots=True)
-class Period:
-    """A calendar month in the configured time zone.
-
-    Args:
-        name: ``YYYY-MM``.
-        start: UNIX time of the month's first instant.
-        end: UNIX time of the next month's first instant.
-    """
-
-    name: str
-    start: float
-    end: float
-
-    def __contains__(self, t: object) -> bool:
-        return isinstance(t, int | float) and self.start <= t < self.end
-
-
-def _month_start(year: int, month: int, zone: tzinfo) -> float:
-    return datetime(year, month, 1, tzinfo=zone).timestamp()
-
-
-def _period(year: int, month: int, zone: tzinfo) -> Period:
-    ny, nm = (year + 1, 1) if month == 12 else (year, month + 1)
-    return Period(f"{year:04d}-{month:02d}", _month_start(year, month, zone), _month_start(ny, nm, zone))
-
-
-def month_of(now: float, zone: tzinfo) -> Period:
-    """The calendar month that contains ``now`` in ``zone``.
-
-    Args:
-        now: UNIX time.
-        zone: the budget time zone (``Config.zone``).
-    """
-    local = datetime.fromtimestamp(now, zone)
-    return _period(local.year, local.month, zone)
-
-
-def parse_period(name: str, zone: tzinfo) -> Period:
-    """The month named ``YYYY-MM`` in ``zone``.
-
-    Args:
-        name: such as ``2026-11``.
-        zone: the budget time zone.
-
-    Raises:
-        ValueError: ``name`` is not ``YYYY-MM``.
-    """
-    year_s, sep, month_s = name.partition("-")
-    if not (sep and len(year_s) == 4 and len(month_s) == 2 and year_s.isdigit() and month_s.isdigit()):
-        raise ValueError(f"period {name!r} must be YYYY-MM, e.g. 2026-11")
-    year, month = int(year_s), int(month_s)
-    if not (1 <= month <= 12 and year >= 1970):
-        raise ValueError(f"period {name!r} must be YYYY-MM with a month 01-12, e.g. 2026-11")
-    return _period(year, month, zone)
 
 
 @dataclass(frozen=True, slots=True)

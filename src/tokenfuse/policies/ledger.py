@@ -20,7 +20,7 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokenfuse.policies.fuse import Period, month_of
+from tokenfuse.policies.calendar import Period, month_of
 
 if TYPE_CHECKING:
     from tokenfuse.exporter.meter import CallRecord

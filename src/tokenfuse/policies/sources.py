@@ -1,29 +1,23 @@
 """Rate sources: where the policy engine learns what each department used (rolling-window tokens, month-to-date
 cost). `LocalSource` reads this process's ledger (exact, immediate); `PrometheusSource` asks any Prometheus-compatible
-``/api/v1/query`` endpoint for the sum over all replicas.
-
-PromQL caveats the queries handle or that operators must: ``increase()`` counts across counter resets (a replica
-restarted under the same labels), but it cannot see what a series counted before its first scrape (a new replica, a
-new label set), so a second query adds ``min_over_time`` of series that appeared inside the range (their first value).
-``increase()`` extrapolates to the range ends (at most ~1 scrape interval of rate, erring high), and a month-to-date
-range needs Prometheus retention of at least 32 days.
+``/api/v1/query`` endpoint for the sum over all replicas, with the client and PromQL of `tokenfuse.policies.promql`
+(whose `counter_growth` says what the queries handle and what operators must: retention of at least 32 days).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import tzinfo
-from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit, urlunsplit
+from typing import Protocol, runtime_checkable
 
 import httpx
 
-from tokenfuse.exporter.metrics import COST_USD_TOTAL, TOKENS_TOTAL
-from tokenfuse.policies.fuse import Period, Reading, month_of
+from tokenfuse.policies.calendar import Period, month_of
+from tokenfuse.policies.fuse import Reading
 from tokenfuse.policies.ledger import Ledger
+from tokenfuse.policies.promql import AsyncPrometheusClient, PrometheusError, month_to_date_cost, window_tokens
 
 __all__ = ["LocalSource", "PrometheusSource", "RateSource", "Readings", "SourceError"]
 
@@ -123,20 +117,6 @@ class LocalSource:
         return None
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-def _seconds(duration: float) -> str:
-    return f"{max(1, math.ceil(duration))}s"
-
-
 class PrometheusSource:
     """Hourly tokens and month-to-date cost over all replicas, from PromQL.
 
@@ -145,7 +125,7 @@ class PrometheusSource:
         window_seconds: the rolling window of the token limit.
         zone: the budget time zone; the month-to-date range starts at the month's first instant there.
         timeout: seconds for each HTTP request (connect, read, whole).
-        count_new_series: add the first value of series that appeared inside the range (see module docstring).
+        count_new_series: add the first value of series that appeared inside the range (see `counter_growth`).
         client: an httpx client to use (tests); by default one is made and closed by `aclose`.
     """
 
@@ -168,8 +148,7 @@ class PrometheusSource:
         self.zone = zone
         self.timeout = float(timeout)
         self.count_new_series = count_new_series
-        self._client = client
-        self._own_client = client is None
+        self._prometheus = AsyncPrometheusClient(self.url, timeout=self.timeout, client=client)
 
     # -- PromQL ------------------------------------------------------------------------------------------
 
@@ -179,16 +158,10 @@ class PrometheusSource:
         Args:
             now: UNIX time (the month-to-date range is computed from it).
         """
-        period = month_of(now, self.zone)
-        window = _seconds(self.window_seconds)
-        month = _seconds(now - period.start)
-        out: dict[str, list[str]] = {}
-        for key, metric, rng in (("tokens", TOKENS_TOTAL, window), ("cost", COST_USD_TOTAL, month)):
-            qs = [f"sum by (department) (increase({metric}[{rng}]))"]
-            if self.count_new_series:
-                qs.append(f"sum by (department) (min_over_time({metric}[{rng}]) unless {metric} offset {rng})")
-            out[key] = qs
-        return out
+        return {
+            "tokens": window_tokens(self.window_seconds, count_new_series=self.count_new_series),
+            "cost": month_to_date_cost(now, self.zone, count_new_series=self.count_new_series),
+        }
 
     async def fetch(self, now: float, departments: Sequence[str]) -> Readings:
         queries = self.queries(now)
@@ -202,51 +175,17 @@ class PrometheusSource:
                 acc[dept] = acc.get(dept, 0.0) + value
         return Readings(at=now, period=month_of(now, self.zone).name, tokens=sums["tokens"], spent_usd=sums["cost"])
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 2.0)),
-                limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
-            )
-        return self._client
-
     async def _query(self, promql: str, now: float) -> dict[str, float]:
-        where = _redact(self.url)
         try:
-            # wait_for bounds the whole exchange: httpx's timeouts are per phase and a trickling body could outlast them.
-            resp = await asyncio.wait_for(
-                self._http().get(f"{self.url}/api/v1/query", params={"query": promql, "time": f"{now:.3f}"}),
-                timeout=self.timeout,
-            )
-        except (httpx.HTTPError, TimeoutError) as e:
-            raise SourceError(f"prometheus at {where}: {type(e).__name__}: {e or 'no answer'}") from None
-        try:
-            body: Any = resp.json()
-        except ValueError:
-            raise SourceError(f"prometheus at {where}: HTTP {resp.status_code}, body is not JSON") from None
-        if resp.status_code != 200 or not isinstance(body, dict) or body.get("status") != "success":
-            err = body.get("error") if isinstance(body, dict) else None
-            raise SourceError(f"prometheus at {where}: HTTP {resp.status_code}: {err or 'query failed'}")
-        return _parse_vector(body, where)
+            samples = await self._prometheus.query(promql, now)
+        except PrometheusError as e:
+            raise SourceError(str(e)) from None
+        out: dict[str, float] = {}
+        for sample in samples:
+            dept = sample.labels.get("department")
+            if dept is not None:
+                out[dept] = out.get(dept, 0.0) + max(sample.value, 0.0)
+        return out
 
     async def aclose(self) -> None:
-        if self._client is not None and self._own_client:
-            await self._client.aclose()
-            self._client = None
-
-
-def _parse_vector(body: dict[str, Any], where: str) -> dict[str, float]:
-    data = body.get("data")
-    if not isinstance(data, dict) or data.get("resultType") != "vector" or not isinstance(data.get("result"), list):
-        raise SourceError(f"prometheus at {where}: expected a vector result")
-    out: dict[str, float] = {}
-    for item in data["result"]:
-        try:
-            dept = item["metric"].get("department")
-            value = float(item["value"][1])
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
-            raise SourceError(f"prometheus at {where}: malformed sample {str(item)[:200]}") from None
-        if not isinstance(dept, str) or not math.isfinite(value):
-            continue
-        out[dept] = out.get(dept, 0.0) + max(value, 0.0)
-    return out
+        await self._prometheus.aclose()
