@@ -376,6 +376,9 @@ class PolicyConfig(_Model):
 
 
 class MeteringConfig(_Model):
+    max_tokens_per_call: int = Field(
+        default=10_000_000, ge=1, description="usage above this (or the model's context window) is not believed"
+    )
     max_departments: int = Field(
         default=100, ge=1, description="distinct department labels taken from code when no departments are configured"
     )
@@ -461,10 +464,11 @@ class Config(_Model):
         """Map ``sha256:<hex>`` → department name."""
         return {k: name for name, d in self.departments.items() for k in d.keys}
 
-    def route(self, model: str) -> Upstream | None:
-        """The first upstream whose model patterns match ``model``, or None."""
+    def route(self, model: str, providers: frozenset[str] | None = None) -> Upstream | None:
+        """The first upstream whose model patterns match ``model`` (and whose provider is in ``providers``, when
+        given: Gemini's native API goes only to a Google upstream), or None."""
         for u in self.upstreams:
-            if u.routes(model):
+            if u.routes(model) and (providers is None or u.provider in providers):
                 return u
         return None
 

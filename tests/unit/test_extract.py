@@ -337,10 +337,17 @@ def test_model_as_a_string_value_is_not_the_model_key() -> None:
     ids=repr,
 )
 def test_wrong_typed_counts_are_missing(bad: object) -> None:
-    """Strings, floats, NaN, bools, negatives, containers and absurd ints are treated as missing, never counted."""
+    """Strings, floats, NaN, bools, negatives, containers and absurd ints are never counted: one such main count
+    makes the whole usage missing (the caller estimates it), not a 0; a null one is absent and reads as 0."""
     body = {"usage": {"prompt_tokens": bad, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": bad}}}
-    assert extract_usage("openai.chat", body) == Usage(0, 7)
+    assert extract_usage("openai.chat", body) == (Usage(0, 7) if bad is None else None)
     assert extract_usage("openai.chat", {"usage": {"prompt_tokens": bad, "completion_tokens": bad}}) is None
+    for api, key in (("openai.responses", "input_tokens"), ("anthropic.messages", "input_tokens"),
+                     ("google.generate_content", "promptTokenCount")):  # fmt: skip
+        other = "candidatesTokenCount" if api.startswith("google") else "output_tokens"
+        root = {"usageMetadata": {key: bad, other: 7}} if api.startswith("google") else {"usage": {key: bad, other: 7}}
+        got = extract_usage(api, root)  # type: ignore[arg-type]
+        assert (got is not None and got.output_tokens == 7) if bad is None else got is None, (api, got)
 
 
 @pytest.mark.parametrize(

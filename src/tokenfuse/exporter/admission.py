@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Admission", "ErrorStyle", "Policy", "Refusal", "Reservation", "error_body", "refusal"]
 
-ErrorStyle = Literal["openai", "anthropic"]
+ErrorStyle = Literal["openai", "anthropic", "google"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +96,19 @@ _ANTHROPIC_TYPES = {"budget_exceeded": "rate_limit_error"}
 _ANTHROPIC_BY_STATUS = {404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error"}
 
 
+_GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                  408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 502: "UNAVAILABLE",
+                  504: "DEADLINE_EXCEEDED"}  # fmt: skip
+
+
 def error_body(status: int, message: str, type_: str, code: str, style: ErrorStyle = "openai") -> bytes:
-    """A JSON error body: OpenAI's ``{"error": {message, type, param, code}}`` or Anthropic's
-    ``{"type": "error", "error": {type, message, code}}``, so that each SDK raises its own typed error."""
+    """A JSON error body: OpenAI's ``{"error": {message, type, param, code}}``, Anthropic's
+    ``{"type": "error", "error": {type, message, code}}`` or Google's ``{"error": {code, message, status,
+    details}}``, so that each SDK raises its own typed error."""
+    if style == "google":
+        return orjson.dumps({"error": {"code": status, "message": message,
+                                       "status": _GOOGLE_STATUS.get(status, "INTERNAL"),
+                                       "details": [{"reason": code, "type": type_}]}})  # fmt: skip
     if style == "anthropic":
         atype = _ANTHROPIC_BY_STATUS.get(status) or _ANTHROPIC_TYPES.get(type_, type_)
         return orjson.dumps({"type": "error", "error": {"type": atype, "message": message, "code": code}})

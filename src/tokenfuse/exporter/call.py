@@ -36,6 +36,18 @@ class _Decoder(Protocol):
     def decompress(self, data: bytes) -> bytes: ...
 
 
+class _Brotli:
+    """brotli's decompressor names its method ``process``."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, d: Any) -> None:
+        self._d = d
+
+    def decompress(self, data: bytes) -> bytes:
+        return bytes(self._d.process(data))
+
+
 def _decoder(encoding: str) -> _Decoder | bool | None:
     """A decompressor for ``Content-Encoding``; None for identity; False when it cannot be decoded here."""
     enc = encoding.strip().lower()
@@ -47,11 +59,11 @@ def _decoder(encoding: str) -> _Decoder | bool | None:
         return zlib.decompressobj()
     try:
         if enc == "br":
-            import brotli  # type: ignore[import-not-found,unused-ignore]
+            import brotli  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
-            return brotli.Decompressor()  # type: ignore[no-any-return,unused-ignore]
+            return _Brotli(brotli.Decompressor())
         if enc == "zstd":
-            import zstandard  # type: ignore[import-not-found,unused-ignore]
+            import zstandard  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
             return zstandard.ZstdDecompressor().decompressobj()  # type: ignore[no-any-return,unused-ignore]
     except ImportError:
@@ -281,6 +293,12 @@ class MeteredCall:
             final = reported is not None
             if reported is None:
                 text = response_text(self.api, data)
+        if reported is not None and not self.meter.believable(
+            self.labels.provider, reported.model or self.labels.model, reported
+        ):
+            reported, final = None, False  # e.g. prompt_tokens: 2^53 - 1: estimated instead, and flagged
+            if self._body is not None:
+                text = response_text(self.api, b"".join(self._body))
         if reported is not None and final:
             return reported
         est = estimate_usage(self.api, self.request_json, text, self.request_model, output_chars=chars)

@@ -6,6 +6,7 @@ to see the same numbers. Labelled children are cached per label tuple because ``
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -102,6 +103,8 @@ class Meter:
         self._hist: dict[tuple[str, ...], Any] = {}
         self._listeners: list[Callable[[CallRecord], None]] = []
         self._lock = threading.Lock()
+        self._bounds: dict[tuple[str, str], int] = {}
+        self._absurd: set[tuple[str, str]] = set()
 
     def reconfigure(self, config: Config) -> None:
         """Adopt a new config (reload): label bounds and price overrides follow it; counters keep their values."""
@@ -109,6 +112,7 @@ class Meter:
         self.bounds = LabelBounds(config)
         self._labels = {}
         self.pricer = Pricer(config.pricing.overrides)
+        self._bounds = {}
 
     def subscribe(self, listener: Callable[[CallRecord], None]) -> None:
         """Call ``listener`` with every record, after the metrics are updated."""
@@ -237,6 +241,24 @@ class Meter:
             except Exception:
                 log.exception("meter listener failed")
         return rec
+
+    def believable(self, provider: str, model: str, usage: Usage) -> bool:
+        """Whether reported counts are possible for the model: none beyond its context window (genai-prices), else
+        beyond ``metering.max_tokens_per_call``. Absurd usage is logged once per model; the caller estimates."""
+        key = (provider, model)
+        bound = self._bounds.get(key)
+        if bound is None:
+            bound = self.pricer.context_window(provider, model) or self.config.metering.max_tokens_per_call
+            if len(self._bounds) < _MAX_CACHED:
+                self._bounds[key] = bound
+        if usage.input_tokens <= bound and usage.output_tokens <= bound:
+            return True
+        if key not in self._absurd and len(self._absurd) < _MAX_CACHED:
+            self._absurd.add(key)
+            event = {"event": "absurd_usage", "provider": provider, "model": model, "bound": bound,
+                     "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}  # fmt: skip
+            log.warning(json.dumps(event))
+        return False
 
     def blocked(self, labels: CallLabels, reason: str) -> CallRecord:
         """Record a call the policy refused: one ``blocked`` request, and one ``tokenfuse_blocked_requests_total``."""

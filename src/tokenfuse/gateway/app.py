@@ -38,6 +38,9 @@ __all__ = ["GATEWAY_KEY", "Gateway", "make_app"]
 
 log = logging.getLogger("tokenfuse.gateway")
 
+_GOOGLE_PROVIDERS = frozenset({"google"})
+_GEMINI_VERBS = ("generateContent", "streamGenerateContent")
+_STYLES: dict[str, ErrorStyle] = {"anthropic.messages": "anthropic", "google.generate_content": "google"}
 ROUTES: dict[str, Api] = {
     "/v1/chat/completions": "openai.chat",
     "/v1/completions": "openai.completions",
@@ -185,6 +188,7 @@ class Gateway:
         self._key_cache: dict[str, str | None] = {}
         self._upstream_keys = {u.name: u.api_key(self._environ) for u in config.upstreams}
         self._route_cache: dict[str, Upstream | None] = {}
+        self._responses_upstream: dict[str, Upstream] = {}
         self._forwarded = _HeaderAllowList(config.gateway.forward_headers)
         if self._clients is not None:
             self._build_clients()
@@ -221,9 +225,10 @@ class Gateway:
 
     # -- who pays -------------------------------------------------------------------------------------------
 
-    def _department(self, request: web.Request) -> str:
+    def _department(self, request: web.Request, query_key: bool = False) -> str:
+        """The department whose virtual key the request carries (``query_key``: Gemini's ``?key=`` too)."""
         h = request.headers
-        for name in ("authorization", "x-api-key", "api-key"):
+        for name in ("authorization", "x-api-key", "api-key", "x-goog-api-key"):
             if len(h.getall(name, ())) > 1:
                 raise GatewayError(
                     400,
@@ -238,7 +243,13 @@ class Gateway:
             if scheme.lower() == "bearer" and value.strip():
                 key = value.strip()
         if key is None:
-            key = request.headers.get("x-api-key") or request.headers.get("api-key")
+            key = h.get("x-api-key") or h.get("api-key") or h.get("x-goog-api-key")
+        if not key and query_key:
+            keys = request.query.getall("key", ())
+            if len(keys) > 1:
+                raise GatewayError(400, "The request carries more than one 'key' parameter: send exactly one key.",
+                                   "invalid_request_error", "duplicate_credentials")  # fmt: skip
+            key = keys[0] if keys else None
         if not key:
             if self.config.gateway.require_key:
                 raise GatewayError(
@@ -264,12 +275,14 @@ class Gateway:
                 self._key_cache[key] = dept
         return dept
 
-    def _route(self, model: str) -> Upstream:
-        up = self._route_cache.get(model, False)
+    def _route(self, model: str, api: Api) -> Upstream:
+        native = api == "google.generate_content"
+        key = ("google:" if native else "") + model
+        up = self._route_cache.get(key, False)
         if up is False:
-            up = self.config.route(model)
+            up = self.config.route(model, _GOOGLE_PROVIDERS if native else None)
             if len(self._route_cache) < 10000:
-                self._route_cache[model] = up
+                self._route_cache[key] = up
         if up is None:
             raise GatewayError(
                 404,
@@ -283,14 +296,28 @@ class Gateway:
     # -- the proxy ------------------------------------------------------------------------------------------
 
     async def handle_llm(self, request: web.Request) -> web.StreamResponse:
+        """The OpenAI and Anthropic routes (`ROUTES`): the model is in the body."""
+        return await self._serve(request, ROUTES[request.path], None, False)
+
+    async def handle_gemini(self, request: web.Request) -> web.StreamResponse:
+        """Gemini's native ``/v1beta/models/{model}:generateContent`` and ``:streamGenerateContent``."""
+        model, _, verb = request.match_info["target"].partition(":")
+        if not model or verb not in _GEMINI_VERBS:
+            return error_response(404, f"Unknown route {request.method} {request.path}: use models/MODEL:"
+                                  "generateContent or :streamGenerateContent.", "invalid_request_error",
+                                  "unknown_route", None, "google")  # fmt: skip
+        return await self._serve(request, "google.generate_content", model, verb == "streamGenerateContent")
+
+    async def _serve(
+        self, request: web.Request, api: Api, path_model: str | None, path_stream: bool
+    ) -> web.StreamResponse:
         t0 = time.perf_counter()
-        api = ROUTES[request.path]
-        style: ErrorStyle = "anthropic" if api.startswith("anthropic.") else "openai"
+        style = _STYLES.get(api, "openai")
         dept = UNASSIGNED
-        model: str | None = None
+        model: str | None = path_model
         try:
-            target = _upstream_target(request)
-            dept = self._department(request)
+            target = _upstream_target(request, native=path_model is not None)
+            dept = self._department(request, query_key=path_model is not None)
             gw = self.config.gateway
             if request.content_length is not None and request.content_length > gw.max_body_bytes:
                 raise _too_large(gw.max_body_bytes)
@@ -305,14 +332,16 @@ class Gateway:
                 raise GatewayError(
                     400, "The request body must be a JSON object.", "invalid_request_error", "invalid_json"
                 )
-            model = request_model(api, body, request.path)
-            if not model or not isinstance(body.get("model"), str):
-                raise GatewayError(
-                    400, "The request body has no 'model' (a string).", "invalid_request_error", "missing_model"
-                )
+            if path_model is None:
+                model = request_model(api, body, request.path)
+                if not model or not isinstance(body.get("model"), str):
+                    raise GatewayError(
+                        400, "The request body has no 'model' (a string).", "invalid_request_error", "missing_model"
+                    )
+            assert model is not None
             project, environment, edited = self._tags(request, body, dept)
-            upstream = self._route(model)
-            stream = body.get("stream") is True
+            upstream = self._route(model, api)
+            stream = path_stream or body.get("stream") is True
             inject_usage = False
             if stream and api in ("openai.chat", "openai.completions"):
                 so = body.get("stream_options")
@@ -326,6 +355,8 @@ class Gateway:
             self._count_refused(dept, None, None, model, e.outcome)
             return e.response(style)
 
+        if api == "openai.responses":
+            self._responses_upstream[dept] = upstream
         labels = self.meter.labels(
             department=dept, project=project, environment=environment, provider=upstream.provider, model=model
         )
@@ -397,6 +428,8 @@ class Gateway:
         if key:
             if upstream.provider == "anthropic":
                 headers.append(("x-api-key", key))
+            elif upstream.provider in _GOOGLE_PROVIDERS:
+                headers.append(("x-goog-api-key", key))
             else:
                 headers.append(("authorization", "Bearer " + key))
         headers.append(("content-type", "application/json"))
@@ -509,6 +542,70 @@ class Gateway:
             status, message, "api_error", code, {"x-tokenfuse-department": call.labels.department}, style
         )
 
+    # -- pass-through routes: authenticated, forwarded to the department's upstream, never billed -------------
+
+    async def handle_count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's ``POST /v1/messages/count_tokens``: routed by the body's model."""
+        dept = UNASSIGNED
+        try:
+            target = _upstream_target(request)
+            dept = self._department(request)
+            gw = self.config.gateway
+            raw = await _read_body(request, gw.max_body_bytes, gw.body_timeout)
+            try:
+                body = jsonio.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                raise GatewayError(400, "The request body is not valid JSON.", "invalid_request_error",
+                                   "invalid_json") from None  # fmt: skip
+            model = body.get("model") if isinstance(body, dict) else None
+            if not isinstance(model, str) or not model:
+                raise GatewayError(400, "The request body has no 'model' (a string).", "invalid_request_error",
+                                   "missing_model")  # fmt: skip
+            upstream = self._route(model, "anthropic.messages")
+        except GatewayError as e:
+            self._count_refused(dept, None, None, None, e.outcome)
+            return e.response("anthropic")
+        return await self._passthrough(request, upstream, target, raw, dept, "anthropic")
+
+    async def handle_response_object(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's ``GET`` / ``DELETE /v1/responses/{id}`` and ``GET /v1/responses/{id}/input_items``: to the
+        upstream this department's Responses calls went to (else the first OpenAI-style upstream)."""
+        dept = UNASSIGNED
+        try:
+            target = _upstream_target(request)
+            dept = self._department(request)
+            upstream = self._responses_upstream.get(dept) or next(
+                (u for u in self.config.upstreams if u.provider not in ("anthropic", *_GOOGLE_PROVIDERS)), None
+            )
+            if upstream is None:
+                raise GatewayError(404, "No upstream serves the OpenAI Responses API in this gateway's config.",
+                                   "invalid_request_error", "model_not_found")  # fmt: skip
+        except GatewayError as e:
+            self._count_refused(dept, None, None, None, e.outcome)
+            return e.response()
+        return await self._passthrough(request, upstream, target, b"", dept, "openai")
+
+    async def _passthrough(
+        self, request: web.Request, upstream: Upstream, target: str, raw: bytes, dept: str, style: ErrorStyle
+    ) -> web.StreamResponse:
+        client, headers = self._upstream_request(request, upstream)
+        extra = {"x-tokenfuse-department": dept}
+        try:
+            up = await client.send(target, headers, raw, stream=False, method=request.method)
+            try:
+                data = await up.read()
+            finally:
+                await up.release()
+        except UpstreamTimeout as e:
+            return error_response(504, f"upstream '{upstream.name}': {e}", "api_error", "upstream_timeout", extra,
+                                  style)  # fmt: skip
+        except UpstreamError as e:
+            return error_response(502, f"upstream '{upstream.name}': {e}", "api_error", "upstream_unreachable",
+                                  extra, style)  # fmt: skip
+        resp_headers = {k: v for k, v in up.headers if k.lower() not in _DROP_RESPONSE}
+        resp_headers.update(extra)
+        return web.Response(status=up.status, body=data, headers=resp_headers)
+
     def count_bad_request(self) -> None:
         """Count a request refused before it reached a route (malformed HTTP, an admin body that is not valid)."""
         self._count_refused(UNASSIGNED, None, None, None, "client_error")
@@ -560,8 +657,9 @@ class Gateway:
         )
 
 
-def _upstream_target(request: web.Request) -> str:
-    """The path after ``/v1`` plus the raw (undecoded) query, or 400 ``invalid_request_target``."""
+def _upstream_target(request: web.Request, native: bool = False) -> str:
+    """The path after ``/v1`` (``native``: the whole path, for an upstream whose base URL is the API root, as
+    Gemini's is) plus the raw (undecoded) query without a ``key`` parameter, or 400 ``invalid_request_target``."""
     raw_path = request.raw_path
     _, sep, raw_query = raw_path.partition("?")
     # aiohttp's query_string is percent-decoded: check it too, so that %0d%0a cannot become a CR LF anywhere later.
@@ -574,7 +672,10 @@ def _upstream_target(request: web.Request) -> str:
             "invalid_request_target",
         )
     path = request.path
-    target = path[3:] if path.startswith("/v1/") else path
+    target = path if native else (path[3:] if path.startswith("/v1/") else path)
+    if native and raw_query:
+        # Gemini's ?key= carries the client's virtual key: it never goes upstream (the upstream key is a header).
+        raw_query = "&".join(p for p in raw_query.split("&") if p and not p.startswith("key="))
     return target + "?" + raw_query if sep and raw_query else target
 
 
@@ -626,6 +727,12 @@ def make_app(gateway: Gateway, extra_routes: Callable[[web.Application], object]
     app = web.Application(client_max_size=gateway.config.gateway.max_body_bytes + 1024)
     for path in ROUTES:
         app.router.add_post(path, gateway.handle_llm)
+    for version in ("v1beta", "v1"):
+        app.router.add_post(f"/{version}/models/{{target}}", gateway.handle_gemini)
+    app.router.add_post("/v1/messages/count_tokens", gateway.handle_count_tokens)
+    for tail in ("/v1/responses/{id}", "/v1/responses/{id}/input_items"):
+        app.router.add_get(tail, gateway.handle_response_object)
+    app.router.add_delete("/v1/responses/{id}", gateway.handle_response_object)
     app.router.add_get("/v1/models", gateway.handle_models)
     app.router.add_get("/metrics", gateway.handle_metrics)
     app.router.add_get("/healthz", gateway.handle_healthz)

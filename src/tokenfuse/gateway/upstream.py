@@ -144,21 +144,24 @@ class UpstreamClient:
         self._client: Client = b.build()
 
     async def send(
-        self, target: str, headers: Sequence[tuple[str, str]], body: bytes, *, stream: bool
+        self, target: str, headers: Sequence[tuple[str, str]], body: bytes, *, stream: bool, method: str = "POST"
     ) -> UpstreamResponse:
-        """POST ``body`` to ``base_url + target`` and wait for the response head (1xx interim heads skipped).
+        """Send ``body`` to ``base_url + target`` and wait for the response head (1xx interim heads skipped).
 
         Args:
             target: path after the base URL, raw query included (``/chat/completions?api-version=1``).
             headers: request headers (Host and Content-Length are the library's).
-            body: the request body.
+            body: the request body (empty for GET / DELETE).
             stream: the caller expects a stream: hand over the head at once instead of buffering the first 64 KiB.
+            method: the HTTP method.
 
         Raises:
             UpstreamTimeout: no connection or no head in time.
             UpstreamError: the upstream is unreachable or broke the protocol.
         """
-        builder = self._client.post(self.base_url + target).headers(list(headers)).body_bytes(body)
+        builder = self._client.request(method, self.base_url + target).headers(list(headers))
+        if body or method == "POST":
+            builder = builder.body_bytes(body)
         if stream:
             builder = builder.streamed_read_buffer_limit(0)
         request = builder.build_streamed()

@@ -181,6 +181,16 @@ def _n(value: object) -> int | None:
     return None
 
 
+def _invalid(u: Mapping[str, Any], keys: tuple[str, ...]) -> bool:
+    """Whether a count is present but not a valid count (negative, a float, a string…): then the provider's
+    numbers cannot be trusted at all, and the usage is treated as missing (estimated), not read as 0."""
+    for k in keys:
+        v = u.get(k)
+        if v is not None and _n(v) is None:
+            return True
+    return False
+
+
 def _is_map(obj: object) -> TypeGuard[Mapping[str, Any]]:
     return type(obj) is dict or isinstance(obj, Mapping)  # JSON gives dicts: the ABC check is the slow exception
 
@@ -219,7 +229,9 @@ def _openai_chat(u: Mapping[str, Any], model: object) -> Usage | None:
         prompt = None
     if type(completion) is not int or not 0 <= completion <= MAX_COUNT:
         completion = None
-    if prompt is None and completion is None:
+    if (prompt is None or completion is None) and (
+        (prompt is None and completion is None) or _invalid(u, ("prompt_tokens", "completion_tokens"))
+    ):
         return None
     details: dict[str, int] = {}
     cached = cache_write = reasoning = -1
@@ -278,7 +290,7 @@ def _openai_responses(u: Mapping[str, Any], model: object) -> Usage | None:
         inp = None
     if type(out) is not int or not 0 <= out <= MAX_COUNT:
         out = None
-    if inp is None and out is None:
+    if (inp is None and out is None) or _invalid(u, ("input_tokens", "output_tokens")):
         return None
     cached = cache_write = reasoning = None
     idt = u.get("input_tokens_details")
@@ -322,7 +334,12 @@ def _anthropic_counts(u: Mapping[str, Any], d: dict[str, int]) -> bool:
     return True
 
 
+_ANTHROPIC_COUNTS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
 def _anthropic(u: Mapping[str, Any], model: object) -> Usage | None:
+    if _invalid(u, _ANTHROPIC_COUNTS):
+        return None
     d: dict[str, int] = {}
     iterations = u.get("iterations")
     if type(iterations) is list and iterations:
@@ -373,6 +390,8 @@ def _modalities(items: object) -> dict[str, int]:
 
 
 def _google(u: Mapping[str, Any], model: object) -> Usage | None:
+    if _invalid(u, ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "cachedContentTokenCount")):
+        return None
     d: dict[str, int] = {}
     prompt = _n(u.get("promptTokenCount"))
     cand = _n(u.get("candidatesTokenCount"))

@@ -396,6 +396,22 @@ class Pricer:
             return None, self._resolve(provider, answered), answered
         return None, resolved, model
 
+    def context_window(self, provider: str, model: str) -> int | None:
+        """The most input tokens the model can take, where genai-prices knows it: its context window, unless its
+        input is priced in tiers (then longer contexts exist: Anthropic's 200k window has a 1M beta priced above
+        200k) — None then, and when unknown."""
+        resolved = self._resolve(provider, model) if model else None
+        if resolved is None:
+            return None
+        window = getattr(resolved.info, "context_window", None)
+        if type(window) is not int or window <= 0:
+            return None
+        try:
+            tiered = isinstance(resolved.model_price(datetime.now(UTC)).input_mtok, gp_types.TieredPrices)
+        except Exception:
+            return None
+        return None if tiered else window
+
     def worst_case_usd(self, provider: str, model: str, input_tokens: int, output_tokens: int) -> float:
         """The price of ``input_tokens`` in and ``output_tokens`` out, for admission control (0.0 if unknown).
 

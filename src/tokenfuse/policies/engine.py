@@ -20,17 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from tokenfuse.config import Config, format_duration
 from tokenfuse.exporter.admission import Admission, Reservation
 from tokenfuse.metering.types import Usage
-from tokenfuse.policies.fuse import (
-    Fuse,
-    FuseLimits,
-    FuseState,
-    Override,
-    Period,
-    Reading,
-    Transition,
-    month_of,
-    parse_period,
-)
+from tokenfuse.policies.calendar import Period, month_of, parse_period
+from tokenfuse.policies.fuse import Fuse, FuseLimits, FuseState, Override, Reading, Transition
 from tokenfuse.policies.ledger import Ledger
 from tokenfuse.policies.sources import LocalSource, PrometheusSource, RateSource, Readings
 
