@@ -376,6 +376,9 @@ class PolicyConfig(_Model):
 
 
 class MeteringConfig(_Model):
+    max_label_sets_per_department: int = Field(
+        default=1000, ge=10, description="distinct (project, environment, provider, model) sets per department"
+    )
     max_tokens_per_call: int = Field(
         default=10_000_000, ge=1, description="usage above this (or the model's context window) is not believed"
     )

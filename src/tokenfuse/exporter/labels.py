@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable
 from typing import NamedTuple
 
 from tokenfuse.config import UNASSIGNED, Config
@@ -49,11 +50,13 @@ class LabelBounds:
         config: departments, the allowed projects and the caps come from here.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, on_overflow: Callable[[str], None] | None = None) -> None:
         self._config = config
         self._lock = threading.Lock()
         self._seen: dict[tuple[str, str], set[str]] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._sets: dict[str, set[tuple[str, str, str, str]]] = {}
+        self._on_overflow = on_overflow
 
     def department(self, name: str | None) -> str:
         """The department label of a call billed to ``name``.
@@ -144,16 +147,44 @@ class LabelBounds:
         provider: str | None,
         model: str | None,
     ) -> CallLabels:
-        """Bound all five labels of one call."""
+        """Bound all five labels of one call; then the department's label sets as a whole (see `_label_set`)."""
         dept = self.department(department)
         prov = self.provider(provider) if provider else "unknown"
-        return CallLabels(
-            department=dept,
-            project=self.project(dept, project),
-            environment=self.environment(dept, environment),
-            provider=prov,
-            model=self.model(prov, model),
-        )
+        key = (self.project(dept, project), self.environment(dept, environment), prov, self.model(prov, model))
+        proj, env, prov, mod = self._label_set(dept, key)
+        return CallLabels(department=dept, project=proj, environment=env, provider=prov, model=mod)
+
+    def _label_set(self, dept: str, key: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
+        """Cap a department's distinct (project, environment, provider, model) sets at
+        ``metering.max_label_sets_per_department``: the per-label caps alone allow projects × environments × models.
+
+        Beyond the cap a new set is folded to project and environment ``other`` (the model kept while room is
+        reserved for such folds, then ``other`` too); the provider always stays (it prices the call).
+        """
+        seen = self._sets.get(dept)
+        if seen is not None and key in seen:
+            return key
+        cap = self._config.metering.max_label_sets_per_department
+        reserve = min(max(cap // 10, 1), 50)  # room kept for folded sets, so the total stays within the cap
+        with self._lock:
+            seen = self._sets.setdefault(dept, set())
+            if key in seen:
+                return key
+            if len(seen) < cap - reserve:
+                seen.add(key)
+                return key
+            folded = (OTHER, OTHER, key[2], key[3])
+            if folded not in seen:
+                if len(seen) < cap - 1:
+                    seen.add(folded)
+                else:
+                    folded = (OTHER, OTHER, key[2], OTHER)
+                    seen.add(folded)
+        self._warn_once("label_sets", dept, f"department {dept!r} has more than {cap - reserve} label sets "
+                        "(project × environment × provider × model); new ones count as project/environment 'other'")  # fmt: skip
+        if self._on_overflow is not None:
+            self._on_overflow(dept)
+        return folded
 
     def _warn_once(self, kind: str, scope: str, message: str) -> None:
         if (kind, scope) not in self._warned and len(self._warned) < _MAX_WARNED:

@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from tokenfuse.config import Config, parse_config
 from tokenfuse.exporter.collectors import CounterChild, HistogramChild
 from tokenfuse.exporter.labels import CallLabels, LabelBounds
-from tokenfuse.exporter.metrics import Metrics
+from tokenfuse.exporter.metrics import Metrics, semconv_provider
 from tokenfuse.metering.pricing import Pricer
 from tokenfuse.metering.types import Usage
 
@@ -60,7 +60,8 @@ class CallRecord:
 class _Series:
     """Every labelled child one (labels, operation, response model) writes to, resolved once."""
 
-    __slots__ = ("cost", "duration", "gen_input", "gen_output", "input", "output", "requests", "response_model")
+    __slots__ = ("cost", "details", "duration", "gen_input", "gen_output", "input", "output", "provider_name",
+                 "requests", "response_model")  # fmt: skip
 
     def __init__(self, m: Metrics, labels: CallLabels, operation: str, response_model: str) -> None:
         self.response_model = response_model
@@ -69,13 +70,15 @@ class _Series:
         self.output = m.tokens.labels(*key, "output")
         self.cost = m.cost.labels(*key)
         self.requests: dict[str, CounterChild] = {}
-        gen = (operation, labels.provider, labels.model, response_model)
+        self.provider_name = semconv_provider(labels.provider)
+        gen = (operation, self.provider_name, labels.model, response_model)
         self.gen_input = m.gen_ai_tokens.labels(*gen, "input", labels.department)
         # Embeddings produce no output tokens: no output series at all, rather than a histogram of zeros.
         self.gen_output = (
             None if operation == "embeddings" else m.gen_ai_tokens.labels(*gen, "output", labels.department)
         )
         self.duration: dict[str, HistogramChild] = {}
+        self.details: tuple[CounterChild, CounterChild, CounterChild] | None = None  # made on first use
 
 
 class Meter:
@@ -96,7 +99,7 @@ class Meter:
         self.config = config if config is not None else parse_config({})
         self.registry = registry if registry is not None else REGISTRY
         self.metrics = Metrics(self.registry)
-        self.bounds = LabelBounds(self.config)
+        self.bounds = LabelBounds(self.config, self._overflow)
         self.pricer = pricer if pricer is not None else Pricer(self.config.pricing.overrides)
         self._series: dict[tuple[CallLabels, str, str], _Series] = {}
         self._labels: dict[tuple[str | None, ...], CallLabels] = {}
@@ -109,10 +112,13 @@ class Meter:
     def reconfigure(self, config: Config) -> None:
         """Adopt a new config (reload): label bounds and price overrides follow it; counters keep their values."""
         self.config = config
-        self.bounds = LabelBounds(config)
+        self.bounds = LabelBounds(config, self._overflow)
         self._labels = {}
         self.pricer = Pricer(config.pricing.overrides)
         self._bounds = {}
+
+    def _overflow(self, department: str) -> None:
+        self.metrics.label_overflow.labels(department).inc()
 
     def subscribe(self, listener: Callable[[CallRecord], None]) -> None:
         """Call ``listener`` with every record, after the metrics are updated."""
@@ -191,10 +197,15 @@ class Meter:
         seconds = 0.0
         if duration is not None and duration >= 0 and math.isfinite(duration):
             seconds = duration
-            d = series.duration.get(error_type)
+            dkey = error_type if usage is not None else "\0" + error_type  # with and without an answer
+            d = series.duration.get(dkey)
             if d is None:
-                d = series.duration[error_type] = self.metrics.gen_ai_duration.labels(
-                    operation, labels.provider, labels.model, series.response_model, error_type
+                d = series.duration[dkey] = self.metrics.gen_ai_duration.labels(
+                    operation,
+                    series.provider_name,
+                    labels.model,
+                    series.response_model if usage is not None else "",  # no answer: no response model
+                    error_type,
                 )
 
         cost = 0.0
@@ -210,6 +221,14 @@ class Meter:
                 cost, priced = self._price(labels.provider, resp_raw, usage, request_model or labels.model)
                 if not priced:
                     self._child(("unpriced", labels.provider, labels.model), self.metrics.unpriced, 2).inc()
+            if usage.cache_read_tokens or usage.cache_write_tokens or usage.output_reasoning_tokens:
+                details = series.details
+                if details is None:
+                    key = labels.as_tuple()
+                    tok = self.metrics.token_details
+                    details = series.details = (
+                        tok.labels(*key, "cache_read"), tok.labels(*key, "cache_write"), tok.labels(*key, "reasoning")
+                    )
             if usage.estimated:
                 self._child(("est", labels.department, labels.provider, labels.model), self.metrics.estimated, 3).inc()
         # One lock for every update of the call, the children's values updated in place: see
@@ -223,6 +242,14 @@ class Meter:
                     series.output.value += out
                 if cost:
                     series.cost.value += cost
+                det = series.details
+                if det is not None:
+                    for child, n in zip(
+                        det, (usage.cache_read_tokens, usage.cache_write_tokens, usage.output_reasoning_tokens),
+                        strict=True,
+                    ):
+                        if type(n) is int and n > 0:
+                            child.value += n
                 h = series.gen_input
                 h.counts[bisect_left(h.bounds, inp)] += 1.0
                 h.sum += inp

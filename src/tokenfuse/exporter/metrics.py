@@ -27,20 +27,26 @@ __all__ = [
     "GEN_AI_OPERATION_DURATION",
     "GEN_AI_TOKEN_BUCKETS",
     "GEN_AI_TOKEN_USAGE",
+    "LABEL_OVERFLOW_TOTAL",
     "METRIC_NAMES",
     "OUTCOMES",
     "POLICY_SOURCE_UP",
     "REQUESTS_TOTAL",
     "TOKENS_TOTAL",
     "TOKENS_USED_WINDOW",
+    "TOKEN_DETAILS",
+    "TOKEN_DETAILS_TOTAL",
     "TOKEN_LIMIT",
     "UNPRICED_REQUESTS_TOTAL",
     "USAGE_LABELS",
     "Metrics",
+    "semconv_provider",
 ]
 
 # Exposed names (what PromQL sees). Counters carry the ``_total`` suffix here; prometheus_client adds it.
 TOKENS_TOTAL = "tokenfuse_tokens_total"
+TOKEN_DETAILS_TOTAL = "tokenfuse_token_details_total"
+LABEL_OVERFLOW_TOTAL = "tokenfuse_label_overflow_total"
 COST_USD_TOTAL = "tokenfuse_cost_usd_total"
 REQUESTS_TOTAL = "tokenfuse_requests_total"
 BLOCKED_REQUESTS_TOTAL = "tokenfuse_blocked_requests_total"
@@ -61,6 +67,8 @@ USAGE_LABELS = ("department", "project", "environment", "provider", "model")
 OUTCOMES = ("success", "upstream_error", "client_error", "blocked")
 BREAKER_STATES = ("closed", "open", "half_open")
 BLOCK_REASONS = ("fuse_open", "insufficient_budget", "token_limit")
+TOKEN_DETAILS = ("cache_read", "cache_write", "reasoning")
+"""``detail`` values of `TOKEN_DETAILS_TOTAL`: parts of input (cache) and output (reasoning), not added to them."""
 
 GEN_AI_TOKEN_ATTRS = (
     "gen_ai_operation_name",
@@ -89,6 +97,8 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 METRIC_NAMES = frozenset(
     {
         TOKENS_TOTAL,
+        TOKEN_DETAILS_TOTAL,
+        LABEL_OVERFLOW_TOTAL,
         COST_USD_TOTAL,
         REQUESTS_TOTAL,
         BLOCKED_REQUESTS_TOTAL,
@@ -107,6 +117,26 @@ METRIC_NAMES = frozenset(
     }
 )
 """Every metric family name tokenfuse exports (histograms also expose _bucket/_sum/_count)."""
+
+
+# genai-prices provider ids → OpenTelemetry GenAI ``gen_ai.provider.name`` well-known values; other ids pass as they
+# are (the convention allows custom values). tokenfuse's own ``provider`` label keeps the genai-prices id.
+_SEMCONV_PROVIDERS = {
+    "google": "gcp.gemini",
+    "google-vertex": "gcp.vertex_ai",
+    "vertex": "gcp.vertex_ai",
+    "aws": "aws.bedrock",
+    "bedrock": "aws.bedrock",
+    "azure": "azure.ai.openai",
+    "mistral": "mistral_ai",
+    "x-ai": "x_ai",
+    "ibm": "ibm.watsonx.ai",
+}
+
+
+def semconv_provider(provider: str) -> str:
+    """The ``gen_ai_provider_name`` value of a genai-prices provider id (``google`` → ``gcp.gemini``, …)."""
+    return _SEMCONV_PROVIDERS.get(provider, provider)
 
 
 def _base(name: str) -> str:
@@ -132,6 +162,19 @@ class Metrics:
             "Billable LLM tokens; token_type input + output = total.",
             (*USAGE_LABELS, "token_type"),
             lock=lock,
+            registry=registry,
+        )
+        self.token_details = FastCounter(
+            _base(TOKEN_DETAILS_TOTAL),
+            "Parts of the billable tokens: detail cache_read and cache_write (of input), reasoning (of output).",
+            (*USAGE_LABELS, "detail"),
+            lock=lock,
+            registry=registry,
+        )
+        self.label_overflow = Counter(
+            _base(LABEL_OVERFLOW_TOTAL),
+            "Label combinations folded into project/environment 'other' by metering.max_label_sets_per_department.",
+            ("department",),
             registry=registry,
         )
         self.cost = FastCounter(
