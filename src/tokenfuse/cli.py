@@ -24,7 +24,7 @@ def _load(path: str | None) -> Config:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, serving=True)
     print(
         f"{args.config}: OK ({len(cfg.departments)} departments, {len(cfg.upstreams)} upstreams, "
         f"policy source {cfg.policy.source})"

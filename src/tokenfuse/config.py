@@ -467,6 +467,19 @@ class Config(_Model):
         """Map ``sha256:<hex>`` → department name."""
         return {k: name for name, d in self.departments.items() for k in d.keys}
 
+    def serving_problems(self) -> list[str]:
+        """Why a gateway must not serve from this config (empty when it may): without upstreams nothing can be
+        forwarded; without departments, or with keys required but none configured, every call gets 401."""
+        out = []
+        if not self.upstreams:
+            out.append("upstreams: a gateway needs at least one upstream to forward to")
+        if not self.departments:
+            out.append("departments: a gateway needs at least one department (keys say who pays)")
+        elif self.gateway.require_key and not any(d.keys for d in self.departments.values()):
+            out.append("departments.*.keys: no department has a key, and gateway.require_key is true: every call "
+                       "would get 401 (add keys with `tokenfuse keys new --department NAME`)")  # fmt: skip
+        return out
+
     def route(self, model: str, providers: frozenset[str] | None = None) -> Upstream | None:
         """The first upstream whose model patterns match ``model`` (and whose provider is in ``providers``, when
         given: Gemini's native API goes only to a Google upstream), or None."""
@@ -516,11 +529,15 @@ def parse_config(data: Mapping[str, Any] | None) -> Config:
         raise ConfigError(_format_errors(e)) from None
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a tokenfuse.yaml file.
+def load_config(path: str | os.PathLike[str], *, serving: bool = False) -> Config:
+    """Read (once) and validate a tokenfuse.yaml file.
+
+    Args:
+        path: the file.
+        serving: also refuse a config a gateway cannot serve from (`Config.serving_problems`).
 
     Raises:
-        ConfigError: the file is missing, not YAML, or not a valid config.
+        ConfigError: the file is missing, empty, not YAML, or not a valid config.
     """
     p = Path(path)
     try:
@@ -531,4 +548,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}", code="config_not_yaml") from None
-    return parse_config(data)
+    if data is None:
+        # An empty file is never meant: on a reload it would drop every key and limit.
+        raise ConfigError(f"{p}: the config file is empty (nothing but whitespace or comments)", code="config_empty")
+    config = parse_config(data)
+    if serving:
+        problems = config.serving_problems()
+        if problems:
+            raise ConfigError("\n".join(f"{p}: {x}" for x in problems), code="config_not_servable")
+    return config

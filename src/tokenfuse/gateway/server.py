@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -124,13 +125,16 @@ class GatewayServer:
                 if self.config_path is None:
                     return False, "no config file to reload from"
                 config = load_config(self.config_path)
+            problems = config.serving_problems()
+            if problems:
+                raise ConfigError("; ".join(problems), code="config_not_servable")
         except ConfigError as e:
-            log.error("config reload refused, keeping the old config: %s", e)
+            log.error(json.dumps({"event": "config_reload_refused", "path": str(self.config_path), "error": str(e)}))
             return False, str(e)
         self.config = config
         if self.gateway is not None:
             self.gateway.reconfigure(config)
-        log.info("config reloaded from %s", self.config_path)
+        log.info(json.dumps({"event": "config_reloaded", "path": str(self.config_path)}))
         return True, "reloaded"
 
 
@@ -142,7 +146,7 @@ def serve(config_path: str, enforce: bool = True) -> None:
         enforce: run the policy engine; False meters only.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    config = load_config(config_path)
+    config = load_config(config_path, serving=True)
 
     async def main() -> None:
         server = GatewayServer(config, config_path=config_path, enforce=enforce)

@@ -48,6 +48,9 @@ _REPORTABLE: Final[Mapping[str, frozenset[str]]] = {
     "openai.completions": frozenset({"input_tokens", "output_tokens"}),
     "openai.embeddings": frozenset({"input_tokens"}),
     "anthropic.messages": frozenset({"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"}),
+    "google.generate_content": frozenset(
+        {"input_tokens", "output_tokens", "cache_read_tokens", "output_reasoning_tokens"}
+    ),
 }
 
 _WORDS: Final[tuple[str, ...]] = (
@@ -101,10 +104,23 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _gemini_text(content: Any) -> str:
+    """The text of a Gemini ``Content`` (its ``parts``' ``text`` fields), or of a plain string."""
+    return _text_of(content.get("parts")) if isinstance(content, Mapping) else _text_of(content)
+
+
 def _prompt_units(body: Mapping[str, Any]) -> Iterator[str]:
     system = body.get("system")
     if system is not None:
         yield _text_of(system)
+    # Gemini: the REST API takes both spellings (the SDK sends camelCase, Google's curl examples snake_case).
+    instruction = body.get("systemInstruction", body.get("system_instruction"))
+    if instruction is not None:
+        yield _gemini_text(instruction)
+    contents = body.get("contents")
+    if isinstance(contents, list):
+        for c in contents:
+            yield _gemini_text(c)
     instructions = body.get("instructions")
     if isinstance(instructions, str) and instructions:
         yield instructions
@@ -130,9 +146,10 @@ def fake_prompt_tokens(body: Mapping[str, Any]) -> int:
     """The input tokens the fake reports for a request body: ``total characters // 4 + number of units``, min 1.
 
     A unit is one message or text: Anthropic ``system``, Responses ``instructions`` (when non-empty), each item of
-    ``messages``, and ``input`` / ``prompt`` (a string is one unit, a list has one unit per item). A unit's text is
-    its string, or the concatenated ``text`` fields of its content parts; anything else (tool calls, token ids)
-    is a unit with no text, so it counts 1.
+    ``messages``, ``input`` / ``prompt`` (a string is one unit, a list has one unit per item), Gemini
+    ``systemInstruction`` and each item of ``contents``. A unit's text is its string, or the concatenated ``text``
+    fields of its content parts (Gemini: of its ``parts``); anything else (tool calls, function calls, token ids,
+    images) is a unit with no text, so it counts 1.
 
     Args:
         body: the parsed JSON request body of any supported API.
@@ -145,17 +162,25 @@ def fake_prompt_tokens(body: Mapping[str, Any]) -> int:
     return max(1, chars // 4 + units)
 
 
+def _count_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _limit(body: Mapping[str, Any]) -> int | None:
     for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        value = _count_or_none(body.get(key))
+        if value is not None:
             return value
+    config = body.get("generationConfig", body.get("generation_config"))
+    if isinstance(config, Mapping):
+        return _count_or_none(config.get("maxOutputTokens", config.get("max_output_tokens")))
     return None
 
 
 def fake_completion_tokens(body: Mapping[str, Any], default: int = 16) -> int:
     """The output tokens the fake reports: ``min(limit, default)``, limit being the first of ``max_tokens``,
-    ``max_completion_tokens``, ``max_output_tokens`` present in ``body`` (non-negative int); ``default`` without one.
+    ``max_completion_tokens``, ``max_output_tokens``, Gemini's ``generationConfig.maxOutputTokens`` present in
+    ``body`` (non-negative int); ``default`` without one.
 
     Args:
         body: the parsed JSON request body.
@@ -270,11 +295,15 @@ def _plan(api: str, body: Mapping[str, Any], steer: Mapping[str, int] | None, de
 
 @dataclass(slots=True)
 class _Stream:
-    """SSE pieces of one answer; ``cut_at`` pieces are sent under the ``cut`` fault, reporting ``cut_usage``."""
+    """SSE pieces of one answer; ``cut_at`` pieces are sent under the ``cut`` fault, reporting ``cut_usage``.
+
+    ``final`` is the finished response object, for an API whose responses can be fetched again later.
+    """
 
     pieces: list[str]
     cut_at: int
     cut_usage: dict[str, int] | None = None
+    final: dict[str, Any] | None = None
 
 
 def _half(n: int) -> int:
@@ -303,11 +332,14 @@ class RecordedRequest:
     Args:
         method: HTTP method.
         path: request path, e.g. ``/v1/chat/completions``.
-        api: the API shape (``openai.chat``, ``openai.responses``, ``openai.embeddings``, ``openai.completions``,
-            ``anthropic.messages``, or ``openai.models``).
+        api: the API shape: a metered one (``openai.chat``, ``openai.responses``, ``openai.embeddings``,
+            ``openai.completions``, ``anthropic.messages``, ``google.generate_content``) or one that reports no
+            usage (``openai.models``, ``anthropic.count_tokens``, ``openai.responses.retrieve``,
+            ``openai.responses.input_items``, ``openai.responses.delete``).
         headers: request headers, names lower-cased.
         body: the parsed JSON body (None for GET or a body that was not a JSON object).
-        stream: whether the answer was an SSE stream.
+        stream: whether the answer was an SSE stream (Gemini: ``streamGenerateContent?alt=sse``; without
+            ``alt=sse`` it answers one JSON array, recorded as not a stream).
         fault: the fault applied, if any.
         status: HTTP status sent; None while in flight or when the client went away first.
         usage: the usage the fake REPORTED on the wire, keyed by :data:`USAGE_KEYS`; None when it reported none.
