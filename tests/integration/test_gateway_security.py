@@ -371,3 +371,33 @@ def test_upstream_proxy_from_the_environment(raw: RawUpstream, tmp_path: Path) -
             g2.stop()
         assert len(proxy.seen) == 1  # the second gateway went direct
         assert len(raw.requests) == 2
+
+
+def test_cut_anthropic_stream_through_the_gateway_bills_the_text(raw: RawUpstream, gw: GatewayProcess) -> None:
+    """message_start (output_tokens 1), 300 text deltas, then the upstream drops the connection: the gateway bills
+    at least 90% of the tiktoken count of the text streamed, flagged as estimated."""
+    from tokenfuse.metering.estimate import count_tokens
+
+    words = [f"word{i} " for i in range(300)]
+    start = {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant",
+             "model": "claude-sonnet-4-5", "content": [], "usage": {"input_tokens": 25, "output_tokens": 1}}}  # fmt: skip
+    events = [b"event: message_start\ndata: " + json.dumps(start).encode() + b"\n\n"]
+    for w in words:
+        ev = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}}
+        events.append(b"event: content_block_delta\ndata: " + json.dumps(ev).encode() + b"\n\n")
+    payload = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
+
+    def answer(req: RawRequest) -> list[bytes | float]:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        for c in list(raw._conns):
+            threading.Timer(0.5, lambda c=c: c.shutdown(socket.SHUT_RDWR)).start()  # then the connection drops
+        return [head + payload]
+
+    raw.answer = answer
+    body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1000, "stream": True,
+                       "messages": [{"role": "user", "content": "Write 300 words."}]}).encode()  # fmt: skip
+    _raw_http(gw.port, _post("/v1/messages", body), timeout=10)
+    out = eventually(lambda: _metric(gw, "tokenfuse_tokens_total", department="marketing", token_type="output"), 10,
+                     what="the cut stream metered")  # fmt: skip
+    assert out >= 0.9 * count_tokens("".join(words), "claude-sonnet-4-5")
+    assert _metric(gw, "tokenfuse_estimated_requests_total", department="marketing") == 1

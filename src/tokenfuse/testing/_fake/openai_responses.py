@@ -1,5 +1,5 @@
-"""The OpenAI Responses API: its usage object, the JSON ``response`` object and the typed SSE event stream
-(``response.created`` … ``response.completed``).
+"""The OpenAI Responses API: its usage object, the JSON ``response`` object, the typed SSE event stream
+(``response.created`` … ``response.completed``), and the input items of a stored response.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _responses_object(
         "previous_response_id": None,
         "reasoning": {"effort": None, "summary": None},
         "service_tier": "default",
-        "store": False,
+        "store": _stored(body),
         "temperature": 1.0,
         "text": {"format": {"type": "text"}},
         "tool_choice": "auto",
@@ -51,6 +51,11 @@ def _responses_object(
         "user": None,
         "usage": usage,
     }
+
+
+def _stored(body: Mapping[str, Any]) -> bool:
+    """Whether the real API would keep this response for ``GET /v1/responses/{id}`` (``store`` defaults to true)."""
+    return body.get("store") is not False
 
 
 def _responses_message(msg_id: str, text: str | None) -> dict[str, Any]:
@@ -98,4 +103,31 @@ def _responses_stream(
     usage = _responses_usage(plan.usage) if with_usage else None
     done = _responses_object(rid, created, model, body, "completed", [_responses_message(msg_id, text)], usage)
     pieces.append(event("response.completed", {"response": done}))
-    return _Stream(pieces, cut_at=4 + _half(plan.visible))
+    return _Stream(pieces, cut_at=4 + _half(plan.visible), final=done)
+
+
+def _input_item(rid: str, i: int, item: Any) -> dict[str, Any]:
+    """One item of a request's ``input`` as the API lists it back: with an ``id``, messages with typed content."""
+    if isinstance(item, str):
+        item = {"role": "user", "content": item}
+    if not isinstance(item, Mapping):
+        return {"id": f"item_{rid[5:]}_{i}", "type": "unknown"}
+    entry: dict[str, Any] = {"id": item.get("id") or f"msg_{rid[5:]}_{i}", "type": item.get("type", "message")}
+    entry.update((k, v) for k, v in item.items() if k not in ("id", "type"))
+    if entry["type"] == "message":
+        content = entry.get("content")
+        if isinstance(content, str):
+            kind = "output_text" if entry.get("role") == "assistant" else "input_text"
+            part: dict[str, Any] = {"type": kind, "text": content}
+            if kind == "output_text":
+                part["annotations"] = []
+            entry["content"] = [part]
+        entry.setdefault("status", "completed")
+    return entry
+
+
+def _responses_input_items(rid: str, body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The input items of response ``rid``, in request order (``instructions`` are not an item)."""
+    value = body.get("input")
+    items: list[Any] = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [_input_item(rid, i, item) for i, item in enumerate(items)]

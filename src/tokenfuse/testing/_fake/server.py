@@ -1,5 +1,6 @@
 """The fake upstream's aiohttp server: :class:`FakeUpstream` (faults, steering, recording, dispatch to each API
-shape's JSON or SSE answer and error body), its routes (:func:`make_app`), :class:`FakeUpstreamThread`, :func:`serve`.
+shape's JSON or SSE answer and error body, the stored Responses objects), its routes (:func:`make_app`),
+:class:`FakeUpstreamThread`, :func:`serve`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import itertools
 import json
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final
@@ -31,6 +32,15 @@ from tokenfuse.testing._fake.common import (
     _normalise_usage,
     _Plan,
     _plan,
+    fake_prompt_tokens,
+)
+from tokenfuse.testing._fake.google import (
+    GOOGLE,
+    VERBS,
+    _google_array,
+    _google_error,
+    _google_json,
+    _google_stream,
 )
 from tokenfuse.testing._fake.openai_chat import (
     _chat_json,
@@ -39,7 +49,12 @@ from tokenfuse.testing._fake.openai_chat import (
     _embeddings_json,
     _openai_stream,
 )
-from tokenfuse.testing._fake.openai_responses import _responses_json, _responses_stream
+from tokenfuse.testing._fake.openai_responses import (
+    _responses_input_items,
+    _responses_json,
+    _responses_stream,
+    _stored,
+)
 
 _MODELS: Final[tuple[str, ...]] = (
     "gpt-4o",
@@ -48,6 +63,7 @@ _MODELS: Final[tuple[str, ...]] = (
     "o3-mini",
     "text-embedding-3-small",
     "claude-sonnet-4-6",
+    "gemini-2.5-flash",
 )
 _SSE_HEADERS: Final[Mapping[str, str]] = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -68,17 +84,34 @@ def _json_payload(
         return _completions_json(f"cmpl-fake{n:010d}", created, model, plan, with_usage)
     if api == "openai.embeddings":
         return _embeddings_json(model, body, plan, with_usage)
+    if api == GOOGLE:
+        return _google_json(_google_id(n), model, plan, with_usage)
     return _anthropic_json(f"msg_fake{n:010d}", model, plan, with_usage)
 
 
+def _google_id(n: int) -> str:
+    return f"fakeResponse{n:010d}"
+
+
+_OPENAI_ERRORS: Final[Mapping[int, tuple[str, str | None]]] = {
+    400: ("invalid_request_error", "invalid_request"),
+    404: ("invalid_request_error", None),
+    429: ("requests", "rate_limit_exceeded"),
+}
+_ANTHROPIC_ERRORS: Final[Mapping[int, str]] = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
 def _error_body(api: str, status: int, message: str, param: str | None = None) -> bytes:
-    if api == "anthropic.messages":
-        kind = {400: "invalid_request_error", 429: "rate_limit_error"}.get(status, "api_error")
+    if api.startswith("anthropic."):
+        kind = _ANTHROPIC_ERRORS.get(status, "api_error")
         return _dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
-    kind, code = {
-        400: ("invalid_request_error", "invalid_request"),
-        429: ("requests", "rate_limit_exceeded"),
-    }.get(status, ("server_error", "server_error"))
+    if api == GOOGLE:
+        return _dumps(_google_error(status, message)).encode()
+    kind, code = _OPENAI_ERRORS.get(status, ("server_error", "server_error"))
     return _dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
 
 
