@@ -119,6 +119,35 @@ async def local_asyncio(tmp: Path, n: int, fuse_only: bool) -> tuple[int, int]:
     return sum(ok), r.used
 
 
+async def local_undercount(tmp: Path, n: int, margin: float | None) -> tuple[int, int]:
+    """200 asyncio tasks through `MeteredCall` (what both front doors run) whose upstream bills 20% more prompt
+    tokens than tiktoken estimates, each answer as long as max_tokens allows: ``margin`` None is the default
+    ``policy.prompt_margin``, 0 reserves the bare estimate."""
+    from tokenfuse.exporter.call import MeteredCall
+    from tokenfuse.metering.estimate import estimate_prompt_tokens
+
+    extra = {} if margin is None else {"prompt_margin": margin, "prompt_margin_tokens": 0}
+    r = Replica(config(str(tmp / f"under-{margin}.db"), **extra))
+    body = {"model": MODEL, "max_tokens": 500, "messages": [{"role": "user", "content": "tokens " * 400}]}
+    billed_input = round(estimate_prompt_tokens("openai.chat", body, MODEL) * 1.2)
+
+    async def request() -> bool:
+        call = MeteredCall(r.meter, "openai.chat", r.labels, MODEL, body)
+        adm = call.admit(r.engine)
+        if adm is None or not adm.admitted:
+            return False
+        await asyncio.sleep(0.005 + 0.02 * random.random())
+        call.on_head(200, b"application/json")
+        call.on_body(b'{"usage": {"prompt_tokens": %d, "completion_tokens": 500}}' % billed_input)
+        rec = call.finish()
+        r.used += rec.tokens if rec is not None else 0
+        return True
+
+    ok = await asyncio.gather(*(request() for _ in range(n)))
+    r.engine.close()
+    return sum(ok), r.used
+
+
 def part_local(tmp: Path) -> None:
     print(f"\n## source: local — 200 concurrent requests, worst case {WORST} tokens, room for {LIMIT // WORST}\n")
     print("| client | admission | admitted | tokens used | limit | tokens beyond the limit |")
@@ -128,6 +157,10 @@ def part_local(tmp: Path) -> None:
         print(f"| 200 threads | {name} | {a} | {used} | {LIMIT} | {max(used - LIMIT, 0)} |")
         a, used = asyncio.run(local_asyncio(tmp, 200, fuse_only))
         print(f"| 200 asyncio tasks | {name} | {a} | {used} | {LIMIT} | {max(used - LIMIT, 0)} |")
+    for name, margin in (("reservations, default policy.prompt_margin", None), ("reservations, prompt_margin 0", 0.0)):
+        a, used = asyncio.run(local_undercount(tmp, 200, margin))
+        print(f"| 200 asyncio tasks, upstream counts 20% more prompt tokens than tiktoken | {name} | {a} | {used} | "
+              f"{LIMIT} | {max(used - LIMIT, 0)} |")  # fmt: skip
 
 
 # -- 2. prometheus source, simulated -------------------------------------------------------------------------

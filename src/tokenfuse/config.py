@@ -363,6 +363,11 @@ class PolicyConfig(_Model):
     half_open_probes: int = Field(default=3, ge=1)
     token_window: Duration = 3600.0
     default_max_tokens: int = Field(default=4096, ge=1)
+    # Admission reserves ceil(estimate × (1 + prompt_margin)) + prompt_margin_tokens for the prompt: providers count
+    # what tiktoken cannot see (other tokenizers, message framing, tool schemas). Chosen on the recorded payloads
+    # (bench/prompt_margin.py): billed/estimate had median 1.00 and max 1.88 (17 → 32 tokens, framing).
+    prompt_margin: float = Field(default=0.25, ge=0, le=10)
+    prompt_margin_tokens: int = Field(default=16, ge=0)
 
     @model_validator(mode="after")
     def _prometheus_needs_url(self) -> PolicyConfig:

@@ -80,6 +80,10 @@ class Policy(Protocol):
         """Whether ``department`` has a limit, i.e. whether admission needs the prompt estimated at all."""
         ...
 
+    def prompt_reservation(self, estimate: int) -> int:
+        """Tokens to reserve for a prompt tiktoken estimates at ``estimate`` (the estimate plus a margin)."""
+        ...
+
     def admit(
         self, department: str, *, input_tokens: int, max_output_tokens: int, provider: str, model: str
     ) -> Admission: ...

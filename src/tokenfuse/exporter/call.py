@@ -144,7 +144,11 @@ class MeteredCall:
         try:
             body = self.request_json or {}
             dept = self.labels.department
-            prompt = estimate_prompt_tokens(self.api, body, self.request_model) if policy.limited(dept) else 0
+            prompt = (
+                policy.prompt_reservation(estimate_prompt_tokens(self.api, body, self.request_model))
+                if policy.limited(dept)
+                else 0
+            )
             admission = policy.admit(
                 dept,
                 input_tokens=prompt,

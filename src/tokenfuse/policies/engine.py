@@ -563,6 +563,13 @@ class PolicyEngine:
         """Worst-case output reserved when a request sets no maximum (``policy.default_max_tokens``)."""
         return self.config.policy.default_max_tokens
 
+    def prompt_reservation(self, estimate: int) -> int:
+        """What admission reserves for a prompt estimated at ``estimate`` tokens: the estimate with
+        ``policy.prompt_margin`` and ``policy.prompt_margin_tokens`` added, so that providers that count more than
+        tiktoken (other tokenizers, framing, tool schemas) cannot take a department past its limit."""
+        pol = self.config.policy
+        return math.ceil(max(estimate, 0) * (1.0 + pol.prompt_margin)) + pol.prompt_margin_tokens
+
     def limited(self, department: str) -> bool:
         """Whether ``department`` has a token limit or a budget (only then is a prompt estimate needed)."""
         d = self._depts.get(department)

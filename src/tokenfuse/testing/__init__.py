@@ -1,4 +1,4 @@
-"""Helpers for testing code that talks to LLM APIs: a fake OpenAI/Anthropic-compatible upstream.
+"""Helpers for testing code that talks to LLM APIs: a fake OpenAI/Anthropic/Gemini-compatible upstream.
 
 Used by tokenfuse's own tests, its benchmarks and ``tokenfuse demo``; reusable in yours.
 """

@@ -1,4 +1,4 @@
-"""The fake OpenAI/Anthropic-compatible upstream: an aiohttp server for tests, benchmarks and ``tokenfuse demo``.
+"""The fake OpenAI/Anthropic/Gemini-compatible upstream: an aiohttp server for tests, benchmarks and ``tokenfuse demo``.
 
 It owns the wire shapes of every API tokenfuse meters, the deterministic usage it reports, the faults it can be
 told to produce, and the record of every request it served; :class:`FakeUpstream` documents the rules.

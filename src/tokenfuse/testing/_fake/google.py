@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from tokenfuse.testing._fake.common import _answer, _dumps, _Plan, _pieces, _Stream
+from tokenfuse.testing._fake.common import _answer, _dumps, _pieces, _Plan, _Stream
 
 GOOGLE: Final = "google.generate_content"
 VERBS: Final[tuple[str, ...]] = ("generateContent", "streamGenerateContent")
@@ -40,9 +40,7 @@ def _google_usage(u: Mapping[str, int], candidates: int) -> dict[str, Any]:
     return out
 
 
-def _google_chunk(
-    rid: str, model: str, text: str, finish: str | None, usage: dict[str, Any] | None
-) -> dict[str, Any]:
+def _google_chunk(rid: str, model: str, text: str, finish: str | None, usage: dict[str, Any] | None) -> dict[str, Any]:
     candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
     if finish is not None:
         candidate["finishReason"] = finish
