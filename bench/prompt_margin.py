@@ -34,10 +34,10 @@ def main() -> int:
         model = request_model(api, body, d.get("request_path", ""))
         est = estimate_prompt_tokens(api, body, model)
         note = (d.get("note") or "").lower()
-        cut = "shortened" in note or "cut to" in note and "request" in note
+        cut = "shortened" in note or ("cut to" in note and "request" in note)
         skip = cut or "video" in f.name or not reported or not est
         rows.append((f.name, est, reported, None if skip else reported / est))
-    print(f"| file | tiktoken estimate | billed input | billed / estimate |")
+    print("| file | tiktoken estimate | billed input | billed / estimate |")
     print("|---|---:|---:|---:|")
     for name, est, rep, ratio in rows:
         print(f"| {name} | {est} | {rep} | {'not used' if ratio is None else f'{ratio:.2f}'} |")
