@@ -79,6 +79,8 @@ def _exposed_labels() -> dict[str, set[str]]:
     m = Metrics(registry)
     usage = ["x"] * len(USAGE_LABELS)
     m.tokens.labels(*usage, "input").inc()
+    m.token_details.labels(*usage, "cache_read").inc()
+    m.label_overflow.labels("x").inc()
     m.cost.labels(*usage).inc()
     m.requests.labels(*usage, OUTCOMES[0]).inc()
     m.blocked.labels("x", "fuse_open").inc()

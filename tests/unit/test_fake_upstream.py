@@ -1,4 +1,8 @@
-"""The fake upstream: wire shapes the official SDKs accept, exact and steerable usage, faults, and its request record."""
+"""The fake upstream: wire shapes the official SDKs accept, exact and steerable usage, faults, and its request record.
+
+Covers OpenAI, Anthropic and Gemini's native API, and the routes that report no usage (Anthropic count_tokens,
+stored OpenAI Responses objects).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ import anthropic
 import httpx
 import openai
 import pytest
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
 from tests.conftest import FIXTURES as TEST_FIXTURES
 
 from tokenfuse.testing import (
@@ -41,6 +48,12 @@ MESSAGES: list[Any] = [
 CHAT: dict[str, Any] = {"model": "gpt-4o", "messages": MESSAGES}
 CHAT_PROMPT_TOKENS = 10  # (14 + 18) // 4 + 2 messages
 ZERO = dict.fromkeys(USAGE_KEYS, 0)
+GEMINI_MODEL = "gemini-2.5-flash"
+GEMINI: dict[str, Any] = {
+    "systemInstruction": {"parts": [{"text": "You are terse."}]},
+    "contents": [{"role": "user", "parts": [{"text": "Hello there, fake!"}]}],
+}
+GEMINI_PROMPT_TOKENS = 10  # the same texts as CHAT: (14 + 18) // 4 + 2 units
 
 
 def usage(**counts: int) -> dict[str, int]:
@@ -102,6 +115,37 @@ def threaded() -> Iterator[FakeUpstream]:
         yield up
 
 
+# google-genai's async client subclasses aiohttp.ClientSession, which aiohttp warns about once per process.
+AIO_WARNING = pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")
+
+
+def gemini_client(url: str, api_version: str = "v1beta", headers: dict[str, str] | None = None) -> genai.Client:
+    return genai.Client(
+        api_key="k", http_options=types.HttpOptions(base_url=url, api_version=api_version, headers=headers)
+    )
+
+
+def as_recorded(meta: types.GenerateContentResponseUsageMetadata | None) -> dict[str, int]:
+    """Gemini usageMetadata as a recorded usage dict (thoughts are output), after checking its total adds up."""
+    assert meta is not None and meta.prompt_token_count is not None and meta.candidates_token_count is not None
+    thoughts = meta.thoughts_token_count or 0
+    assert meta.total_token_count == meta.prompt_token_count + meta.candidates_token_count + thoughts
+    return usage(
+        input_tokens=meta.prompt_token_count,
+        output_tokens=meta.candidates_token_count + thoughts,
+        cache_read_tokens=meta.cached_content_token_count or 0,
+        output_reasoning_tokens=thoughts,
+    )
+
+
+def gemini_sse(text: str) -> list[dict[str, Any]]:
+    """The chunks of a Gemini SSE body, checking its framing: ``data: {json}`` events each ended by CRLF CRLF."""
+    assert text.endswith("\r\n\r\n")
+    events = text.split("\r\n\r\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events)
+    return [json.loads(e[len("data: ") :]) for e in events]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the documented usage functions
 
@@ -135,6 +179,20 @@ def test_fake_prompt_tokens_is_at_least_one() -> None:
     assert fake_prompt_tokens({"messages": []}) == 1
 
 
+def test_fake_prompt_tokens_counts_gemini_contents_and_system_instruction() -> None:
+    """Gemini's systemInstruction and each contents item are units whose text is their parts' text, either spelling."""
+    assert fake_prompt_tokens(GEMINI) == GEMINI_PROMPT_TOKENS == fake_prompt_tokens(CHAT)
+    body = {
+        "system_instruction": {"parts": [{"text": "sys!"}]},
+        "contents": [
+            {"role": "user", "parts": [{"text": "abcd"}, {"inlineData": {"mimeType": "image/png"}}, {"text": "efgh"}]},
+            {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}}]},
+        ],
+    }
+    assert fake_prompt_tokens(body) == 12 // 4 + 3
+    assert fake_prompt_tokens({"systemInstruction": "12345678", "contents": []}) == 8 // 4 + 1
+
+
 def test_fake_completion_tokens_is_the_limit_capped_by_the_default() -> None:
     """Output tokens are min(first of max_tokens/max_completion_tokens/max_output_tokens, default)."""
     assert fake_completion_tokens({}) == 16
@@ -146,6 +204,8 @@ def test_fake_completion_tokens_is_the_limit_capped_by_the_default() -> None:
     assert fake_completion_tokens({"max_tokens": 2, "max_completion_tokens": 9}) == 2
     assert fake_completion_tokens({"max_tokens": 0}) == 0
     assert fake_completion_tokens({"max_tokens": True}) == 16
+    assert fake_completion_tokens({"generationConfig": {"maxOutputTokens": 4}}) == 4
+    assert fake_completion_tokens({"generation_config": {"max_output_tokens": 6}}) == 6
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -791,6 +851,293 @@ async def test_async_sdks_against_the_in_loop_server(upstream: FakeUpstream) -> 
     assert upstream.reported_totals() == usage(input_tokens=CHAT_PROMPT_TOKENS + 1, output_tokens=5)
     await oai.close()
     await ant.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gemini's native API
+
+
+async def test_gemini_json_shape_usage_and_record(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """generateContent answers the path's model with a recorded-Gemini-shaped body, usageMetadata and record."""
+    req = {**GEMINI, "generationConfig": {"maxOutputTokens": 5}}
+    r = await http.post(f"/v1beta/models/{GEMINI_MODEL}:generateContent", json=req, headers={"x-goog-api-key": "gk"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    real = fixture("google-generatecontent-thinking-video.json")["response_body"]
+    assert set(body) == set(real)
+    assert set(body["candidates"][0]) == set(real["candidates"][0])
+    assert body["modelVersion"] == GEMINI_MODEL and body["responseId"]
+    candidate = body["candidates"][0]
+    assert candidate["content"]["role"] == "model" and candidate["finishReason"] == "MAX_TOKENS"
+    assert len(candidate["content"]["parts"][0]["text"].split()) == 5
+    assert body["usageMetadata"] == {
+        "promptTokenCount": GEMINI_PROMPT_TOKENS,
+        "candidatesTokenCount": 5,
+        "totalTokenCount": GEMINI_PROMPT_TOKENS + 5,
+    }
+    rec = upstream.requests[-1]
+    assert (rec.method, rec.path, rec.api, rec.status, rec.stream) == (
+        "POST",
+        f"/v1beta/models/{GEMINI_MODEL}:generateContent",
+        "google.generate_content",
+        200,
+        False,
+    )
+    assert rec.headers["x-goog-api-key"] == "gk" and rec.body == req
+    assert rec.usage == usage(input_tokens=GEMINI_PROMPT_TOKENS, output_tokens=5)
+    natural = (await http.post("/v1/models/gemini-2.0-flash:generateContent", json=GEMINI)).json()
+    assert natural["candidates"][0]["finishReason"] == "STOP" and natural["modelVersion"] == "gemini-2.0-flash"
+    assert natural["usageMetadata"]["candidatesTokenCount"] == 16
+
+
+async def test_gemini_stream_is_crlf_sse_with_running_usage(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """With alt=sse each word is a data: event ended by CRLF CRLF, every one with running usageMetadata."""
+    req = {**GEMINI, "generationConfig": {"maxOutputTokens": 3}}
+    r = await http.post(f"/v1beta/models/{GEMINI_MODEL}:streamGenerateContent?alt=sse", json=req)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert "event:" not in r.text
+    chunks = gemini_sse(r.text)
+    assert [c["usageMetadata"]["candidatesTokenCount"] for c in chunks] == [1, 2, 3]
+    assert all(c["usageMetadata"]["promptTokenCount"] == GEMINI_PROMPT_TOKENS for c in chunks)
+    assert [c["candidates"][0].get("finishReason") for c in chunks] == [None, None, "MAX_TOKENS"]
+    assert len("".join(c["candidates"][0]["content"]["parts"][0]["text"] for c in chunks).split()) == 3
+    real = gemini_sse(fixture("google-streamgeneratecontent-usage.json")["response_sse"])
+    assert set(chunks[-1]) == set(real[-1]) and set(chunks[-1]["candidates"][0]) == set(real[-1]["candidates"][0])
+    assert upstream.requests[-1].stream is True
+    assert upstream.requests[-1].usage == usage(input_tokens=GEMINI_PROMPT_TOKENS, output_tokens=3)
+    array = await http.post(f"/v1beta/models/{GEMINI_MODEL}:streamGenerateContent", json=req)
+    assert array.headers["content-type"].startswith("application/json")
+    assert [{**c, "responseId": None} for c in array.json()] == [{**c, "responseId": None} for c in chunks]
+    assert upstream.requests[-1].stream is False and upstream.requests[-1].usage == upstream.requests[-2].usage
+
+
+def test_google_sdk_generate_content_and_stream(threaded: FakeUpstream) -> None:
+    """google-genai's generate_content and generate_content_stream read usage_metadata equal to the recorded usage."""
+    client = gemini_client(threaded.url)
+    r = client.models.generate_content(model=GEMINI_MODEL, contents="hi")
+    assert r.text is not None and len(r.text.split()) == 16
+    assert r.candidates and r.candidates[0].finish_reason == types.FinishReason.STOP
+    assert as_recorded(r.usage_metadata) == threaded.requests[-1].usage == usage(input_tokens=1, output_tokens=16)
+    config = types.GenerateContentConfig(max_output_tokens=4, system_instruction="You are terse.")
+    chunks = list(
+        client.models.generate_content_stream(model=GEMINI_MODEL, contents="Hello there, fake!", config=config)
+    )
+    assert len(chunks) == 4 and len("".join(c.text or "" for c in chunks).split()) == 4
+    assert [c.usage_metadata.candidates_token_count for c in chunks if c.usage_metadata] == [1, 2, 3, 4]
+    assert chunks[-1].candidates and chunks[-1].candidates[0].finish_reason == types.FinishReason.MAX_TOKENS
+    assert as_recorded(chunks[-1].usage_metadata) == threaded.requests[-1].usage
+    assert threaded.requests[-1].usage == usage(input_tokens=GEMINI_PROMPT_TOKENS, output_tokens=4)
+    assert threaded.requests[-1].stream is True and threaded.requests[-1].headers["x-goog-api-key"] == "k"
+    default_version = gemini_client(threaded.url, api_version="v1")
+    assert as_recorded(default_version.models.generate_content(model=GEMINI_MODEL, contents="hi").usage_metadata)
+    assert threaded.requests[-1].path == f"/v1/models/{GEMINI_MODEL}:generateContent"
+    assert threaded.reported_totals() == usage(input_tokens=1 + GEMINI_PROMPT_TOKENS + 1, output_tokens=36)
+
+
+@AIO_WARNING
+async def test_google_async_sdk_against_the_in_loop_server(upstream: FakeUpstream) -> None:
+    """google-genai's client.aio generate_content and generate_content_stream work against the in-loop server."""
+    client = gemini_client(upstream.url)
+    r = await client.aio.models.generate_content(model=GEMINI_MODEL, contents="hi")
+    assert as_recorded(r.usage_metadata) == upstream.requests[-1].usage == usage(input_tokens=1, output_tokens=16)
+    config = types.GenerateContentConfig(max_output_tokens=2)
+    chunks = [
+        c
+        async for c in await client.aio.models.generate_content_stream(model=GEMINI_MODEL, contents="hi", config=config)
+    ]
+    assert [c.text for c in chunks] == ["tokens", " flow"]
+    assert (
+        as_recorded(chunks[-1].usage_metadata) == upstream.requests[-1].usage == usage(input_tokens=1, output_tokens=2)
+    )
+    assert upstream.reported_totals() == usage(input_tokens=2, output_tokens=18)
+    await client.aio.aclose()
+
+
+def test_gemini_usage_override_reports_cached_and_thoughts(threaded: FakeUpstream) -> None:
+    """x-fake-usage and set_usage steer Gemini's usage: cache reads and thoughts get their own fields, both ways."""
+    steer = {"input_tokens": 300, "cached_tokens": 120, "output_tokens": 20, "reasoning_tokens": 8}
+    client = gemini_client(threaded.url, headers={"x-fake-usage": json.dumps(steer)})
+    r = client.models.generate_content(model=GEMINI_MODEL, contents="hi")
+    meta = r.usage_metadata
+    assert meta is not None
+    assert (meta.prompt_token_count, meta.cached_content_token_count) == (300, 120)
+    assert (meta.candidates_token_count, meta.thoughts_token_count, meta.total_token_count) == (12, 8, 320)
+    assert r.text is not None and len(r.text.split()) == 12
+    expected = usage(input_tokens=300, output_tokens=20, cache_read_tokens=120, output_reasoning_tokens=8)
+    assert as_recorded(meta) == threaded.requests[-1].usage == expected
+    threaded.set_usage({"prompt_tokens": 50, "completion_tokens": 3, "cache_write_tokens": 9})
+    plain = gemini_client(threaded.url)  # kept: a collected Client closes its HTTP client mid-stream
+    chunks = list(plain.models.generate_content_stream(model=GEMINI_MODEL, contents="hi"))
+    threaded.set_usage(None)
+    assert len(chunks) == 3 and as_recorded(chunks[-1].usage_metadata) == usage(input_tokens=50, output_tokens=3)
+    assert threaded.requests[-1].usage == usage(input_tokens=50, output_tokens=3)  # Gemini has no cache writes
+
+
+@AIO_WARNING
+async def test_gemini_faults_and_errors_are_google_shaped(upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    """Gemini faults and bad requests answer Google's error shape; the SDK raises ClientError/ServerError."""
+    client = gemini_client(upstream.url)
+    upstream.retry_after = 3
+    upstream.inject("http_429")
+    with pytest.raises(genai_errors.ClientError) as limited:
+        await client.aio.models.generate_content(model=GEMINI_MODEL, contents="hi")
+    assert (limited.value.code, limited.value.status) == (429, "RESOURCE_EXHAUSTED")
+    upstream.inject("http_500")
+    with pytest.raises(genai_errors.ServerError) as failed:
+        await client.aio.models.generate_content(model=GEMINI_MODEL, contents="hi")
+    assert (failed.value.code, failed.value.status) == (500, "INTERNAL")
+    r = await http.post(
+        f"/v1beta/models/{GEMINI_MODEL}:generateContent", json=GEMINI, headers={"x-fake-fault": "http_429"}
+    )
+    assert r.headers["retry-after"] == "3" and r.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+    r = await http.post(f"/v1beta/models/{GEMINI_MODEL}:generateContent", json={"contents": []})
+    assert r.status_code == 400
+    assert r.json() == {
+        "error": {
+            "code": 400,
+            "message": "* GenerateContentRequest.contents: contents is not specified",
+            "status": "INVALID_ARGUMENT",
+        }
+    }
+    r = await http.post(f"/v1beta/models/{GEMINI_MODEL}:countTokens", json=GEMINI)
+    assert r.status_code == 404 and r.json()["error"]["status"] == "NOT_FOUND"
+    assert [(rec.fault, rec.status, rec.usage) for rec in upstream.requests] == [
+        ("http_429", 429, None),
+        ("http_500", 500, None),
+        ("http_429", 429, None),
+        (None, 400, None),
+        (None, 404, None),
+    ]
+    assert upstream.reported_totals() == ZERO
+    await client.aio.aclose()
+
+
+async def test_gemini_cut_stream_records_the_last_running_usage_sent(
+    upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    """A cut Gemini stream sends half its chunks, then drops; the last chunk's running usage is what is recorded."""
+    req = {**GEMINI, "generationConfig": {"maxOutputTokens": 6}}
+    path = f"/v1beta/models/{GEMINI_MODEL}:streamGenerateContent?alt=sse"
+    received = b""
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with http.stream("POST", path, json=req, headers={"x-fake-fault": "cut"}) as r:
+            async for chunk in r.aiter_bytes():
+                received += chunk
+    chunks = gemini_sse(received.decode())
+    assert [c["usageMetadata"]["candidatesTokenCount"] for c in chunks] == [1, 2, 3]
+    assert all("finishReason" not in c["candidates"][0] for c in chunks)
+    assert upstream.requests[-1].usage == usage(input_tokens=GEMINI_PROMPT_TOKENS, output_tokens=3)
+    with pytest.raises(httpx.RemoteProtocolError):
+        await http.post(f"/v1/models/{GEMINI_MODEL}:generateContent", json=GEMINI, headers={"x-fake-fault": "cut"})
+    assert upstream.requests[-1].usage is None
+    assert upstream.reported_totals() == usage(input_tokens=GEMINI_PROMPT_TOKENS, output_tokens=3)
+
+
+async def test_gemini_no_usage_fault_has_no_usage_metadata_anywhere(
+    upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    """no_usage Gemini answers (JSON, SSE, JSON array) carry text but no usageMetadata at all."""
+    headers = {"x-fake-fault": "no_usage"}
+    base = f"/v1beta/models/{GEMINI_MODEL}"
+    for path in (":generateContent", ":streamGenerateContent?alt=sse", ":streamGenerateContent"):
+        r = await http.post(base + path, json=GEMINI, headers=headers)
+        assert r.status_code == 200 and "tokens" in r.text, path
+        assert "usageMetadata" not in r.text and "TokenCount" not in r.text, path
+    assert [rec.usage for rec in upstream.requests] == [None, None, None]
+    assert upstream.reported_totals() == ZERO
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# routes that report no usage: Anthropic count_tokens, stored OpenAI Responses objects
+
+
+def test_anthropic_sdk_count_tokens_is_recorded_but_not_reported(threaded: FakeUpstream) -> None:
+    """count_tokens answers fake_prompt_tokens of the body; it is recorded but adds nothing to reported_totals."""
+    client = anthropic.Anthropic(base_url=threaded.url, api_key="sk-ant-x", max_retries=0)
+    messages: list[Any] = [{"role": "user", "content": "12345678"}]
+    counted = client.messages.count_tokens(model=CLAUDE, system="sys!", messages=messages)
+    assert counted.input_tokens == fake_prompt_tokens({"system": "sys!", "messages": messages}) == 12 // 4 + 2
+    rec = threaded.requests[-1]
+    assert (rec.path, rec.api, rec.status, rec.usage) == (
+        "/v1/messages/count_tokens",
+        "anthropic.count_tokens",
+        200,
+        None,
+    )
+    assert rec.body is not None and rec.body["model"] == CLAUDE and rec.headers["x-api-key"] == "sk-ant-x"
+    r = httpx.post(threaded.url + "/v1/messages/count_tokens", json={"messages": messages})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    threaded.inject("http_500")
+    with pytest.raises(anthropic.InternalServerError):
+        client.messages.count_tokens(model=CLAUDE, messages=messages)
+    assert threaded.reported_totals() == ZERO
+
+
+def test_openai_sdk_retrieves_lists_and_deletes_stored_responses(threaded: FakeUpstream) -> None:
+    """Served responses can be retrieved, their input items listed (newest first) and deleted; then they are 404."""
+    client = openai.OpenAI(base_url=threaded.url + "/v1", api_key="x", max_retries=0)
+    items: list[Any] = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": [{"type": "input_text", "text": "Again"}]},
+    ]
+    created = client.responses.create(model="gpt-4.1", input=items, instructions="be nice", max_output_tokens=3)
+    fetched = client.responses.retrieve(created.id)
+    assert fetched.id == created.id and fetched.output_text == created.output_text and fetched.usage == created.usage
+    listed = list(client.responses.input_items.list(created.id))
+    assert [(i.type, getattr(i, "role", None)) for i in listed] == [
+        ("message", "user"),
+        ("message", "assistant"),
+        ("message", "user"),
+    ]
+    assert [c.text for i in listed for c in getattr(i, "content", [])] == ["Again", "Hi!", "Hello"]
+    page = client.responses.input_items.list(created.id, order="asc", limit=2)
+    assert page.has_more is True and [i.id for i in page.data] == [i.id for i in listed[::-1][:2]]
+    with client.responses.stream(model="gpt-4.1", input="streamed") as s:
+        streamed = s.get_final_response()
+    again = client.responses.retrieve(streamed.id)
+    assert again.status == "completed" and again.usage == streamed.usage and again.output_text == streamed.output_text
+    raw = httpx.get(f"{threaded.url}/v1/responses/{streamed.id}/input_items").json()
+    assert raw["object"] == "list" and raw["has_more"] is False
+    assert [i["content"] for i in raw["data"]] == [[{"type": "input_text", "text": "streamed"}]]
+    assert raw["first_id"] == raw["last_id"] == raw["data"][0]["id"]
+    deleted = httpx.delete(f"{threaded.url}/v1/responses/{streamed.id}").json()
+    assert deleted == {"id": streamed.id, "object": "response.deleted", "deleted": True}
+    client.responses.delete(created.id)
+    for rid in (created.id, streamed.id, "resp_unknown"):
+        with pytest.raises(openai.NotFoundError, match="not found"):
+            client.responses.retrieve(rid)
+    unstored = client.responses.create(model="gpt-4.1", input="x", store=False)
+    assert unstored.store is False and fetched.store is True
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list(unstored.id)
+    assert [r.api for r in threaded.requests if r.usage is not None] == ["openai.responses"] * 3
+    assert threaded.reported_totals() == usage(input_tokens=3 + 2 + 1 + 1, output_tokens=3 + 16 + 16)
+
+
+async def test_stored_responses_are_bounded_and_faults_delete_nothing(
+    upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    """Only the last responses_kept responses are kept, a faulted DELETE keeps its response, reset forgets all."""
+    upstream.responses_kept = 2
+    ids = [(await http.post("/v1/responses", json={"model": "gpt-4.1", "input": "x"})).json()["id"] for _ in range(3)]
+    assert [(await http.get(f"/v1/responses/{rid}")).status_code for rid in ids] == [404, 200, 200]
+    r = await http.delete(f"/v1/responses/{ids[2]}", headers={"x-fake-fault": "http_500"})
+    assert r.status_code == 500
+    assert (await http.get(f"/responses/{ids[2]}")).json()["id"] == ids[2]
+    missing = (await http.get(f"/v1/responses/{ids[0]}")).json()
+    assert missing == {
+        "error": {
+            "message": f"Response with id '{ids[0]}' not found.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    assert (await http.get(f"/v1/responses/{ids[2]}/input_items?limit=0")).status_code == 400
+    assert upstream.requests[-1].api == "openai.responses.input_items"
+    upstream.reset()
+    assert (await http.get(f"/v1/responses/{ids[2]}")).status_code == 404
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -121,6 +121,7 @@ def build_overview(config: Config) -> dict[str, Any]:
             )
         )
         .with_panel(p.tokens_by_model(everyone))
+        .with_panel(p.cache_hit_rate(("department",), everyone))
         .with_panel(
             p.top_cost_table(
                 10,
@@ -206,6 +207,7 @@ def build_department(config: Config) -> dict[str, Any]:
             )
         )
         .with_panel(p.tokens_by_model(one))
+        .with_panel(p.cache_hit_rate(("model",), one))
         .with_panel(
             p.top_cost_table(
                 20,

@@ -509,6 +509,28 @@ def tokens_window_vs_limit(scope: q.Scope) -> PanelBuilder:
     )
 
 
+def cache_hit_rate(by: Sequence[str], scope: q.Scope) -> PanelBuilder:
+    """Time series of the prompt-cache hit rate (cached input tokens / input tokens).
+
+    Args:
+        by: labels to split by.
+        scope: the dashboard's matchers.
+    """
+    legend = " ".join("{{" + b + "}}" for b in by)
+    return (
+        _timeseries(
+            "Prompt cache hit rate",
+            "Share of input tokens served from the provider's prompt cache (tokenfuse_token_details_total "
+            "detail=cache_read over input tokens). Cached input is billed at a fraction of the price: a falling rate "
+            "raises cost at the same traffic.",
+            "percentunit",
+        )
+        .min(0)
+        .max(1)
+        .with_target(target(q.cache_hit_ratio(by, scope), legend))
+    )
+
+
 def estimated_requests(scope: q.Scope) -> PanelBuilder:
     """Time series of requests whose usage had to be estimated.
 

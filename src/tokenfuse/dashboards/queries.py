@@ -22,6 +22,7 @@ from tokenfuse.exporter.metrics import (
     GEN_AI_OPERATION_DURATION,
     POLICY_SOURCE_UP,
     REQUESTS_TOTAL,
+    TOKEN_DETAILS_TOTAL,
     TOKEN_LIMIT,
     TOKENS_TOTAL,
     TOKENS_USED_WINDOW,
@@ -150,6 +151,20 @@ def token_rate(by: Sequence[str], scope: Scope) -> str:
         scope: the dashboard's matchers.
     """
     return f"sum {_by(by)} (rate({selector(TOKENS_TOTAL, scope)}[{RATE_INTERVAL}]))"
+
+
+def cache_hit_ratio(by: Sequence[str], scope: Scope) -> str:
+    """Share of input tokens read from the provider's prompt cache, grouped by ``by`` (0 when none were cached).
+
+    Args:
+        by: labels to keep (e.g. department, model).
+        scope: the dashboard's matchers.
+    """
+    read = selector(TOKEN_DETAILS_TOTAL, scope, 'detail="cache_read"')
+    tokens = selector(TOKENS_TOTAL, scope, 'token_type="input"')
+    cached = f"sum {_by(by)} (rate({read}[{RATE_INTERVAL}]))"
+    inp = f"sum {_by(by)} (rate({tokens}[{RATE_INTERVAL}]))"
+    return f"({cached} or {inp} * 0) / ({inp} > 0)"
 
 
 def unassigned_spend() -> str:
