@@ -212,7 +212,6 @@ def test_stream_parser_never_raises_on_garbage(api: Api, parts: list[bytes]) -> 
     _check(p.result())
     assert isinstance(p.output_text, str)
     assert p.output_chars >= 0
-    assert p.events >= 0
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

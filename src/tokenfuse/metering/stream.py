@@ -112,13 +112,10 @@ class StreamUsageParser:
         "_text_re",
         "_usage_raw",
         "api",
-        "events",
     )
 
     def __init__(self, api: Api) -> None:
         self.api: Api = api
-        self.events: int = 0
-        """Number of SSE data events seen (``[DONE]`` included)."""
         self._kind = _KINDS.get(api, _OTHER)
         self._text_re = {
             _CHAT: _CHAT_CONTENT,
@@ -156,7 +153,6 @@ class StreamUsageParser:
                 nl = chunk.find(b"\n")
                 end = len(chunk) - 2
                 if nl == end and chunk[:6] == b"data: " and chunk.find(b"\r") < 0:
-                    self.events += 1
                     self._on_data(chunk[6:-2])
                     return
                 if (
@@ -165,7 +161,6 @@ class StreamUsageParser:
                     and chunk.find(b"\n", nl + 1) == end
                     and chunk.find(b"\r") < 0
                 ):
-                    self.events += 1
                     self._on_data(chunk[nl + 7 : -2])
                     return
             self._feed(chunk)
@@ -208,12 +203,10 @@ class StreamUsageParser:
         on_data = self._on_data
         for ev in block.split(b"\n\n") if block.find(b"\n\n") >= 0 else (block,):
             if ev[:6] == b"data: " and ev.find(b"\n") < 0:
-                self.events += 1
                 on_data(ev[6:])
             elif ev:
                 data = _event_data(ev)
                 if data is not None:
-                    self.events += 1
                     on_data(data)
 
     def _normalize(self, chunk: bytes) -> bytes:

@@ -69,14 +69,13 @@ class LedgerError(RuntimeError):
 class _Window:
     """One department's calls inside the rolling window, oldest first, with running sums."""
 
-    __slots__ = ("at", "cost", "cost_sum", "tokens", "tokens_sum")
+    __slots__ = ("at", "cost", "tokens", "tokens_sum")
 
     def __init__(self) -> None:
         self.at: deque[float] = deque()
         self.tokens: deque[int] = deque()
         self.cost: deque[float] = deque()
         self.tokens_sum = 0
-        self.cost_sum = 0.0
 
     def add(self, at: float, tokens: int, cost: float) -> None:
         if not self.at or at >= self.at[-1]:
@@ -90,16 +89,13 @@ class _Window:
             self.tokens.insert(i, tokens)
             self.cost.insert(i, cost)
         self.tokens_sum += tokens
-        self.cost_sum += cost
 
     def expire(self, horizon: float) -> None:
         at = self.at
         while at and at[0] <= horizon:
             at.popleft()
             self.tokens_sum -= self.tokens.popleft()
-            self.cost_sum -= self.cost.popleft()
-        if not at:
-            self.cost_sum = 0.0
+            self.cost.popleft()
 
     def since(self, t: float) -> tuple[int, float]:
         tokens, cost = 0, 0.0
