@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from tokenfuse.exporter.admission import Admission, Policy
 from tokenfuse.exporter.labels import CallLabels
 from tokenfuse.exporter.meter import CallRecord, Meter
+from tokenfuse.logs import log_event
 from tokenfuse.metering.estimate import estimate_prompt_tokens, estimate_usage, max_output_tokens
 from tokenfuse.metering.extract import extract_usage, response_text
 from tokenfuse.metering.stream import StreamUsageParser
@@ -70,7 +71,8 @@ def _decoder(encoding: str) -> _Decoder | bool | None:
         pass
     if enc not in _warned_encodings:
         _warned_encodings.add(enc)
-        log.warning("cannot decode content-encoding %r for metering; such calls are estimated", enc)
+        log_event(log, logging.WARNING, "undecodable_content_encoding", encoding=enc,
+                  message=f"cannot decode content-encoding {enc!r} for metering; such calls are estimated")  # fmt: skip
     return False
 
 
@@ -157,7 +159,8 @@ class MeteredCall:
                 model=self.labels.model,
             )
         except Exception:
-            log.exception("policy check failed; the call goes out unenforced")
+            log_event(log, logging.ERROR, "policy_check_failed", exc_info=True,
+                      message="the call goes out unenforced")  # fmt: skip
             return None
         if admission.admitted:
             self._policy = policy
@@ -248,13 +251,14 @@ class MeteredCall:
         try:
             rec = self._record(error_type)
         except Exception:
-            log.exception("metering failed; the call itself was not affected")
+            log_event(log, logging.ERROR, "metering_failed", stage="record", exc_info=True,
+                      message="the call itself was not affected")  # fmt: skip
         policy, admission = self._policy, self.admission
         if policy is not None and admission is not None:
             try:
                 policy.settle(admission.reservation, rec)
             except Exception:
-                log.exception("settling the reservation failed")
+                log_event(log, logging.ERROR, "settle_failed", exc_info=True)
         return rec
 
     def _record(self, error_type: str) -> CallRecord:

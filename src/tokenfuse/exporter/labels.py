@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from tokenfuse.config import UNASSIGNED, Config
+from tokenfuse.logs import log_event
 
 __all__ = ["NONE", "OTHER", "CallLabels", "LabelBounds"]
 
@@ -189,4 +190,4 @@ class LabelBounds:
     def _warn_once(self, kind: str, scope: str, message: str) -> None:
         if (kind, scope) not in self._warned and len(self._warned) < _MAX_WARNED:
             self._warned.add((kind, scope))
-            log.warning(message)
+            log_event(log, logging.WARNING, f"label_{kind}_bounded", scope=scope, message=message)

@@ -6,7 +6,6 @@ to see the same numbers. Labelled children are cached per label tuple because ``
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -22,6 +21,7 @@ from tokenfuse.config import Config, parse_config
 from tokenfuse.exporter.collectors import CounterChild, HistogramChild
 from tokenfuse.exporter.labels import CallLabels, LabelBounds
 from tokenfuse.exporter.metrics import Metrics, semconv_provider
+from tokenfuse.logs import log_event
 from tokenfuse.metering.pricing import Pricer
 from tokenfuse.metering.types import Usage
 
@@ -154,7 +154,7 @@ class Meter:
             if cost is None and request_model and request_model != model:
                 cost = self.pricer.cost_usd(provider, request_model, usage)
         except Exception:  # pricing must never break a call
-            log.exception("pricing failed for %s/%s", provider, model)
+            log_event(log, logging.ERROR, "pricing_failed", provider=provider, model=model, exc_info=True)
             return 0.0, False
         if cost is None:
             return 0.0, False
@@ -266,7 +266,7 @@ class Meter:
             try:
                 listener(rec)
             except Exception:
-                log.exception("meter listener failed")
+                log_event(log, logging.ERROR, "meter_listener_failed", exc_info=True)
         return rec
 
     def believable(self, provider: str, model: str, usage: Usage) -> bool:
@@ -282,9 +282,8 @@ class Meter:
             return True
         if key not in self._absurd and len(self._absurd) < _MAX_CACHED:
             self._absurd.add(key)
-            event = {"event": "absurd_usage", "provider": provider, "model": model, "bound": bound,
-                     "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}  # fmt: skip
-            log.warning(json.dumps(event))
+            log_event(log, logging.WARNING, "absurd_usage", provider=provider, model=model, bound=bound,
+                      input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)  # fmt: skip
         return False
 
     def blocked(self, labels: CallLabels, reason: str) -> CallRecord:

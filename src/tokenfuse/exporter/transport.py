@@ -22,6 +22,7 @@ import httpx2
 from tokenfuse.exporter.admission import ErrorStyle, Policy, refusal
 from tokenfuse.exporter.call import MAX_JSON_BODY, MeteredCall
 from tokenfuse.exporter.meter import Meter, default_meter
+from tokenfuse.logs import log_event
 from tokenfuse.metering import jsonio
 from tokenfuse.metering.extract import detect_api, infer_provider, request_model
 from tokenfuse.metering.types import Api
@@ -88,7 +89,7 @@ def _attach(call: MeteredCall, response: Any, stream_cls: type[Any]) -> Any:
             call.finish()
             return response
     except Exception:
-        log.exception("metering could not read a response head")
+        log_event(log, logging.ERROR, "metering_failed", stage="response_head", exc_info=True)
         call.finish("metering_error")
         return response
     response.stream = stream_cls(response.stream, call)
@@ -249,7 +250,8 @@ class _Instrument:
                 )
             return MeteredCall(meter, api, call_labels, model, body)
         except Exception:
-            log.exception("metering could not inspect a request; it is forwarded unmetered")
+            log_event(log, logging.ERROR, "metering_failed", stage="request", exc_info=True,
+                      message="the request is forwarded unmetered")  # fmt: skip
             return None
 
     def refused(self, request: Any, call: MeteredCall) -> Any:

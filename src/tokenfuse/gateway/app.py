@@ -29,6 +29,7 @@ from tokenfuse.exporter.call import MeteredCall
 from tokenfuse.exporter.meter import Meter
 from tokenfuse.gateway.errors import ErrorStyle, GatewayError, error_response
 from tokenfuse.gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
+from tokenfuse.logs import log_event
 from tokenfuse.metering import jsonio
 from tokenfuse.metering.extract import request_model
 from tokenfuse.metering.types import Api
@@ -617,7 +618,7 @@ class Gateway:
             labels = self.meter.labels(department=dept, project=project, environment=environment, model=model)
             self.meter.record(labels, usage=None, outcome=outcome)
         except Exception:
-            log.exception("could not count a refused request")
+            log_event(log, logging.ERROR, "count_refused_failed", exc_info=True)
 
     # -- the other routes -----------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from tokenfuse.config import Config, ConfigError, load_config
 from tokenfuse.gateway.admin import add_admin_routes
 from tokenfuse.gateway.app import Gateway, make_app
 from tokenfuse.gateway.protocol import GuardedServer, Limits
+from tokenfuse.logs import log_event
 from tokenfuse.policies import PolicyEngine
 
 __all__ = ["GatewayServer", "serve"]
@@ -98,7 +99,7 @@ class GatewayServer:
         if sockets:
             self.port = sockets[0].getsockname()[1]
         self.url = f"http://{self.host}:{self.port}"
-        log.info("tokenfuse gateway listening on %s", self.url)
+        log_event(log, logging.INFO, "gateway_listening", url=self.url)
         return self
 
     async def stop(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import tiktoken
 import tiktoken.registry
 
+from tokenfuse.logs import log_event
 from tokenfuse.metering.extract import MAX_COUNT
 from tokenfuse.metering.types import Api, Usage
 
@@ -129,13 +130,12 @@ class _Encodings:
             try:
                 return tiktoken.get_encoding(target)
             except Exception as e:  # a broken cache file or plugin: fall back like a missing one
-                log.warning("tiktoken encoding %s failed to load (%s); estimating with %s", name, e, OFFLINE_ENCODING)
+                log_event(log, logging.WARNING, "tiktoken_encoding_fallback", encoding=name, using=OFFLINE_ENCODING,
+                          message=f"tiktoken encoding {name} failed to load ({e}); estimating with {OFFLINE_ENCODING}")  # fmt: skip
                 return tiktoken.get_encoding(OFFLINE_ENCODING)
-        log.warning(
-            "tiktoken encoding %s is not available offline; token estimates use %s instead (close, not exact)",
-            name,
-            OFFLINE_ENCODING,
-        )
+        log_event(log, logging.WARNING, "tiktoken_encoding_fallback", encoding=name, using=OFFLINE_ENCODING,
+                  message=f"tiktoken encoding {name} is not available offline; token estimates use "
+                  f"{OFFLINE_ENCODING} instead (close, not exact)")  # fmt: skip
         return tiktoken.get_encoding(OFFLINE_ENCODING)
 
 

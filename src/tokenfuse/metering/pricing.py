@@ -23,6 +23,7 @@ from genai_prices.units import UnitDef, UnitRegistry
 from genai_prices.validation import validate_priced_units
 
 from tokenfuse.config import PriceOverride
+from tokenfuse.logs import log_event
 from tokenfuse.metering.extract import MAX_COUNT
 from tokenfuse.metering.types import Usage
 
@@ -552,10 +553,8 @@ class Pricer:
             if len(self._logged) >= _MAX_CACHE:
                 return
             self._logged.add(key)
-        if arg is None:
-            log.warning(msg, provider, model)
-        else:
-            log.warning(msg, provider, model, arg)
+        text = msg % ((provider, model) if arg is None else (provider, model, arg))
+        log_event(log, logging.WARNING, f"pricing_{kind}", provider=provider, model=model, message=text)
 
 
 def _all_counts(usage: Usage) -> Sequence[tuple[str, Any]]:

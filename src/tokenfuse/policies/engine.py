@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tokenfuse.config import Config, format_duration
 from tokenfuse.exporter.admission import Admission, Reservation
+from tokenfuse.logs import log_event
 from tokenfuse.metering.types import Usage
 from tokenfuse.policies.calendar import Period, month_of, parse_period
 from tokenfuse.policies.fuse import Fuse, FuseLimits, FuseState, Override, Reading, Transition
@@ -179,7 +180,7 @@ class PolicyEngine:
             try:
                 await self.evaluate()
             except Exception:  # the loop must outlive any one bad evaluation
-                log.exception("policy evaluation failed")
+                log_event(log, logging.ERROR, "policy_evaluation_failed", exc_info=True)
 
     async def stop(self) -> None:
         """Stop the loop, close the source's connections and the ledger."""
