@@ -200,6 +200,10 @@ def test_bad_framing_is_an_error_and_the_next_caller_is_unaffected(raw: RawUpstr
         c.shutdown(socket.SHUT_RDWR)
     t.join(15)
     assert results and results[0][0] == 502, results
+    # The upstream did take the prompt: the cut call bills the prompt estimate, flagged, as upstream_error.
+    assert _metric(gw, "tokenfuse_tokens_total", department="marketing", token_type="input") > 0
+    assert _metric(gw, "tokenfuse_estimated_requests_total", department="marketing") == 1
+    assert _metric(gw, "tokenfuse_requests_total", department="marketing", outcome="upstream_error") == 1
     status, _, body = _raw_http(gw.port, _post("/v1/chat/completions", CHAT % b"second"))
     assert status == 200 and b"answer for second" in body
 
@@ -401,3 +405,23 @@ def test_cut_anthropic_stream_through_the_gateway_bills_the_text(raw: RawUpstrea
                      what="the cut stream metered")  # fmt: skip
     assert out >= 0.9 * count_tokens("".join(words), "claude-sonnet-4-5")
     assert _metric(gw, "tokenfuse_estimated_requests_total", department="marketing") == 1
+
+
+def test_compressed_answer_passes_intact_and_is_metered(raw: RawUpstream, gw: GatewayProcess) -> None:
+    """An upstream that gzips its answer although asked for identity: the client gets the bytes with their
+    Content-Encoding (and can read them), and the gateway meters the decoded usage exactly."""
+    import gzip
+
+    def answer(req: RawRequest) -> list[bytes | float]:
+        assert req.header("accept-encoding") == "identity"
+        body = gzip.compress(json.dumps({"id": "c", "object": "chat.completion", "model": "gpt-4o", "choices": [],
+                                         "usage": {"prompt_tokens": 11, "completion_tokens": 22}}).encode())  # fmt: skip
+        return [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)]  # fmt: skip
+
+    raw.answer = answer
+    status, headers, body = _raw_http(gw.port, _post("/v1/chat/completions", CHAT % b"z"))
+    assert status == 200 and headers.get("content-encoding") == "gzip"
+    assert json.loads(gzip.decompress(body))["usage"]["completion_tokens"] == 22
+    assert _metric(gw, "tokenfuse_tokens_total", department="marketing", token_type="output") == 22
+    assert _metric(gw, "tokenfuse_estimated_requests_total", department="marketing") == 0

@@ -186,6 +186,12 @@ class MeteredCall:
         else:
             self._body = []
 
+    def on_cut_answer(self) -> None:
+        """An answer's head arrived but its body broke off before the front door saw the head (a library that
+        buffers the start of a body): bill it as a cut body, the prompt estimate, not as no answer at all."""
+        if self.status == 0:
+            self.on_head(200, b"")
+
     def on_body(self, data: bytes) -> None:
         """The whole body, already decoded (a response read before it reached the observer)."""
         self._decoder = None

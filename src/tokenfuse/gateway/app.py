@@ -28,7 +28,13 @@ from tokenfuse.exporter.admission import refusal
 from tokenfuse.exporter.call import MeteredCall
 from tokenfuse.exporter.meter import Meter
 from tokenfuse.gateway.errors import ErrorStyle, GatewayError, error_response
-from tokenfuse.gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
+from tokenfuse.gateway.upstream import (
+    UpstreamBodyError,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 from tokenfuse.logs import log_event
 from tokenfuse.metering import jsonio
 from tokenfuse.metering.extract import request_model
@@ -87,13 +93,14 @@ class _HeaderAllowList:
         return out
 
 
+# Content-Encoding passes: the body is passed on as received (the gateway asks for identity; an upstream that
+# compresses anyway must say so to the client). Metering decodes its own copy.
 _DROP_RESPONSE = frozenset(
     {
         "connection",
         "keep-alive",
         "transfer-encoding",
         "content-length",
-        "content-encoding",
         "upgrade",
         "trailer",
         "set-cookie",
@@ -455,6 +462,8 @@ class Gateway:
         except UpstreamTimeout as e:
             return self._upstream_failed(call, 504, "upstream_timeout", f"upstream '{upstream.name}': {e}", style)
         except UpstreamError as e:
+            if isinstance(e, UpstreamBodyError):
+                call.on_cut_answer()
             return self._upstream_failed(call, 502, "upstream_unreachable", f"upstream '{upstream.name}': {e}", style)
         try:
             ctype = up.header("content-type")

@@ -15,14 +15,21 @@ from datetime import timedelta
 from pathlib import Path
 
 from pyreqwest.client import Client, ClientBuilder
-from pyreqwest.exceptions import PyreqwestError, RequestTimeoutError
+from pyreqwest.exceptions import BodyDecodeError, PyreqwestError, RequestTimeoutError
 from pyreqwest.proxy import ProxyBuilder
 from pyreqwest.request import StreamRequest
 from pyreqwest.response import Response
 
 from tokenfuse.config import Upstream
 
-__all__ = ["UpstreamClient", "UpstreamError", "UpstreamResponse", "UpstreamTimeout", "egress_proxy"]
+__all__ = [
+    "UpstreamBodyError",
+    "UpstreamClient",
+    "UpstreamError",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+    "egress_proxy",
+]
 
 _IDLE = timedelta(seconds=30)  # servers drop idle keep-alive connections after ~60 s; reuse only younger ones
 
@@ -35,9 +42,15 @@ class UpstreamTimeout(UpstreamError):
     """The upstream did not answer in time (the gateway answers 504)."""
 
 
+class UpstreamBodyError(UpstreamError):
+    """The answer's head arrived but its body broke off (cut, bad framing): the upstream did take the request."""
+
+
 def _wrap(e: PyreqwestError) -> UpstreamError:
     if isinstance(e, RequestTimeoutError):
         return UpstreamTimeout(f"upstream did not answer in time ({type(e).__name__})")
+    if isinstance(e, BodyDecodeError):
+        return UpstreamBodyError(f"upstream broke off its answer: {type(e).__name__}: {e}")
     return UpstreamError(f"upstream failed: {type(e).__name__}: {e}")
 
 
