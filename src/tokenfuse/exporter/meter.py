@@ -21,6 +21,7 @@ from tokenfuse.config import Config, parse_config
 from tokenfuse.exporter.collectors import CounterChild, HistogramChild
 from tokenfuse.exporter.labels import CallLabels, LabelBounds
 from tokenfuse.exporter.metrics import Metrics, semconv_provider
+from tokenfuse.exporter.policy_metrics import PolicyMetrics
 from tokenfuse.logs import log_event
 from tokenfuse.metering.pricing import Pricer
 from tokenfuse.metering.types import Usage
@@ -99,6 +100,7 @@ class Meter:
         self.config = config if config is not None else parse_config({})
         self.registry = registry if registry is not None else REGISTRY
         self.metrics = Metrics(self.registry)
+        self.policy_metrics = PolicyMetrics(self.metrics)
         self.bounds = LabelBounds(self.config, self._overflow)
         self.pricer = pricer if pricer is not None else Pricer(self.config.pricing.overrides)
         self._series: dict[tuple[CallLabels, str, str], _Series] = {}

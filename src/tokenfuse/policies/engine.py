@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tokenfuse.config import Config, format_duration
 from tokenfuse.exporter.admission import Admission, Reservation
+from tokenfuse.exporter.policy_metrics import DepartmentGauges
 from tokenfuse.logs import log_event
 from tokenfuse.metering.types import Usage
 from tokenfuse.policies.calendar import Period, month_of, parse_period
@@ -64,8 +65,18 @@ class BudgetExceeded(Exception):
 
 
 class _Department:
-    __slots__ = ("exported", "fuse", "limits", "name", "reading", "reservations", "reserved_tokens", "reserved_usd",
-                 "since_cost", "since_tokens", "spent_gauge", "tokens_gauge")  # fmt: skip
+    __slots__ = (
+        "fuse",
+        "gauges",
+        "limits",
+        "name",
+        "reading",
+        "reservations",
+        "reserved_tokens",
+        "reserved_usd",
+        "since_cost",
+        "since_tokens",
+    )  # fmt: skip
 
     def __init__(self, name: str, limits: FuseLimits, fuse: Fuse) -> None:
         self.name = name
@@ -78,9 +89,7 @@ class _Department:
         # Own usage recorded after the last remote snapshot: Prometheus cannot have it yet.
         self.since_tokens = 0
         self.since_cost = 0.0
-        self.spent_gauge: Any = None
-        self.tokens_gauge: Any = None
-        self.exported: tuple[float, float] | None = None  # what the two gauges show, to skip unchanged sets
+        self.gauges: DepartmentGauges | None = None
 
 
 def _key(f: Fuse) -> tuple[Any, ...]:
@@ -114,7 +123,7 @@ class PolicyEngine:
         self.meter = meter
         self._group_commit = group_commit
         self._durable: asyncio.Future[None] | None = None
-        self.metrics = meter.metrics
+        self.metrics = meter.policy_metrics
         self._clock = clock
         pol = config.policy
         if isinstance(source, LocalSource):
@@ -163,7 +172,7 @@ class PolicyEngine:
             self._last_ok = now
             saved = self.ledger.load_fuses()
             self._sync_departments(saved, now)
-            self.metrics.policy_source_up.labels(self.source.name).set(1.0)
+            self.metrics.source_up(self.source.name, True)
             for d in self._depts.values():
                 self._evaluate(d, now)
 
@@ -210,13 +219,7 @@ class PolicyEngine:
         for name in list(self._depts):
             if name not in self.config.departments:
                 del self._depts[name]
-                for gauge, label in ((m.budget_limit, "month"), (m.budget_spent, "month"),
-                                     (m.token_limit, self._window_label), (m.tokens_window, self._window_label)):  # fmt: skip
-                    with contextlib.suppress(KeyError):
-                        gauge.remove(name, label)
-                for s in FuseState:
-                    with contextlib.suppress(KeyError):
-                        m.breaker_state.remove(name, s.value)
+                m.forget(name, self._window_label)
         for name in self.config.departments:
             limits = self._limits(name)
             d = self._depts.get(name)
@@ -230,20 +233,9 @@ class PolicyEngine:
                         log.warning(json.dumps({"event": "fuse_state_unreadable", "department": name}))
                 d = self._depts[name] = _Department(name, limits, fuse)
             d.limits = limits
-            d.tokens_gauge = m.tokens_window.labels(name, self._window_label)
-            d.spent_gauge = m.budget_spent.labels(name, "month")
-            d.exported = None
-            if limits.budget_usd is None:
-                with contextlib.suppress(KeyError):
-                    m.budget_limit.remove(name, "month")
-            else:
-                m.budget_limit.labels(name, "month").set(limits.budget_usd)
-            if limits.token_limit is None:
-                with contextlib.suppress(KeyError):
-                    m.token_limit.remove(name, self._window_label)
-            else:
-                m.token_limit.labels(name, self._window_label).set(limits.token_limit)
-            m.set_breaker_state(name, d.fuse.state.value)
+            d.gauges = m.department(name, self._window_label)
+            d.gauges.limits(limits.budget_usd, limits.token_limit)
+            d.gauges.state(d.fuse.state.value)
 
     def reconfigure(self, config: Config) -> None:
         """Adopt a reloaded config: limits, budgets, time zone and window change; spend and fuse states stay.
@@ -260,11 +252,8 @@ class PolicyEngine:
                                             "detail": "takes effect after a restart"}))  # fmt: skip
             new_label = format_duration(config.policy.token_window)
             if new_label != self._window_label:
-                m = self.metrics
                 for name in self._depts:
-                    for gauge in (m.token_limit, m.tokens_window):
-                        with contextlib.suppress(KeyError):
-                            gauge.remove(name, self._window_label)
+                    self.metrics.forget_window(name, self._window_label)
                 self._window_label = new_label
             self.config = config
             self._period = None
@@ -325,16 +314,15 @@ class PolicyEngine:
             self.ledger.save_fuse(d.name, d.fuse.snapshot(), now)
         for t in transitions:
             self._export(t, reading)
-        if reading is not None:
-            shown = (reading.tokens, reading.spent_usd)
-            if shown != d.exported:
-                d.exported = shown
-                d.tokens_gauge.set(reading.tokens)
-                d.spent_gauge.set(reading.spent_usd)
+        if reading is not None and d.gauges is not None:
+            d.gauges.usage(reading.tokens, reading.spent_usd)
 
     def _export(self, t: Transition, reading: Reading | None) -> None:
-        self.metrics.breaker_transitions.labels(t.department, t.from_state.value, t.to_state.value).inc()
-        self.metrics.set_breaker_state(t.department, t.to_state.value)
+        d = self._depts.get(t.department)
+        gauges = d.gauges if d is not None and d.gauges is not None else self.metrics.department(
+            t.department, self._window_label
+        )
+        gauges.transition(t.from_state.value, t.to_state.value)
         log.info(
             json.dumps(
                 {
@@ -381,7 +369,7 @@ class PolicyEngine:
                 event["error"] = error[:500]
             (log.info if up else log.warning)(json.dumps(event))
         self._source_up = up
-        self.metrics.policy_source_up.labels(self.source.name).set(1.0 if up else 0.0)
+        self.metrics.source_up(self.source.name, up)
         if snap is None:
             return
         self._snapshot = snap
