@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from tests.conftest import KEYS, fake_config
 from tests.integration._procs import GatewayProcess, eventually
 from tests.raw_upstream import RawRequest, RawUpstream, json_answer
+from tests.sse import anthropic_events
 
 pytestmark = pytest.mark.integration
 
@@ -383,12 +384,7 @@ def test_cut_anthropic_stream_through_the_gateway_bills_the_text(raw: RawUpstrea
     from tokenfuse.metering.estimate import count_tokens
 
     words = [f"word{i} " for i in range(300)]
-    start = {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant",
-             "model": "claude-sonnet-4-5", "content": [], "usage": {"input_tokens": 25, "output_tokens": 1}}}  # fmt: skip
-    events = [b"event: message_start\ndata: " + json.dumps(start).encode() + b"\n\n"]
-    for w in words:
-        ev = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}}
-        events.append(b"event: content_block_delta\ndata: " + json.dumps(ev).encode() + b"\n\n")
+    events = anthropic_events(words, final=False)
     payload = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
 
     def answer(req: RawRequest) -> list[bytes | float]:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 import zstandard
 from prometheus_client import CollectorRegistry
+from tests.sse import anthropic_events
 
 import tokenfuse
 from tokenfuse.config import parse_config
@@ -28,19 +29,6 @@ def _value(reg: CollectorRegistry, name: str, **labels: str) -> float:
         for s in fam.samples
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
-
-
-def _anthropic_events(deltas: list[str], final: bool) -> list[bytes]:
-    start = {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant",
-             "model": "claude-sonnet-4-5", "content": [], "usage": {"input_tokens": 25, "output_tokens": 1}}}  # fmt: skip
-    out = [b"event: message_start\ndata: " + json.dumps(start).encode() + b"\n\n"]
-    for d in deltas:
-        ev = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": d}}
-        out.append(b"event: content_block_delta\ndata: " + json.dumps(ev).encode() + b"\n\n")
-    if final:
-        md = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 600}}
-        out.append(b"event: message_delta\ndata: " + json.dumps(md).encode() + b"\n\n")
-    return out
 
 
 class _Cut(httpx.SyncByteStream):
@@ -75,7 +63,7 @@ def test_cut_anthropic_stream_bills_the_text_seen() -> None:
     """message_start (output 1), 300 text deltas, then the connection drops: output >= 90% of the tiktoken count of
     the text streamed, counted as estimated."""
     reg = CollectorRegistry()
-    events = _anthropic_events(WORDS, final=False)
+    events = anthropic_events(WORDS, final=False)
 
     def handler(req: httpx.Request) -> httpx.Response:
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_Cut(events, cut=True))
@@ -91,7 +79,7 @@ def test_cut_anthropic_stream_bills_the_text_seen() -> None:
 def test_app_closing_a_stream_early_bills_what_it_read() -> None:
     """An app that stops reading after 100 deltas: billed at least the text it received, flagged estimated."""
     reg = CollectorRegistry()
-    events = _anthropic_events(WORDS, final=True)
+    events = anthropic_events(WORDS, final=True)
 
     def handler(req: httpx.Request) -> httpx.Response:
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_Cut(events, cut=False))
@@ -111,7 +99,7 @@ def test_app_closing_a_stream_early_bills_what_it_read() -> None:
 def test_complete_anthropic_stream_bills_the_reported_usage() -> None:
     """The same stream with its message_delta: exactly the reported counts, not estimated."""
     reg = CollectorRegistry()
-    events = _anthropic_events(WORDS, final=True)
+    events = anthropic_events(WORDS, final=True)
 
     def handler(req: httpx.Request) -> httpx.Response:
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_Cut(events, cut=False))
