@@ -48,19 +48,28 @@ def test_label_sets_are_capped_per_department() -> None:
 
 
 async def test_label_sets_capped_through_the_gateway(tmp_path: Path) -> None:
-    """The same through the gateway, with a cap of 20: 60 project/environment combinations from one key."""
-    async with FakeUpstream() as up:
-        cfg = fake_config(up.url, tmp_path, metering={"max_label_sets_per_department": 20})
+    """3,000 project × environment × model combinations from one virtual key through the gateway: at most 1,000
+    label sets (the default cap), every request still counted, the overflow counted."""
+    import asyncio
+
+    async with FakeUpstream(record=False) as up:
+        cfg = fake_config(up.url, tmp_path, metering={"max_projects": 50, "max_environments": 10})
         reg = CollectorRegistry()
-        async with GatewayServer(cfg, port=0, registry=reg) as server, aiohttp.ClientSession() as s:
-            for i in range(60):
-                headers = {"Authorization": f"Bearer {KEYS['support']}", "X-Project": f"p{i % 30}",
-                           "X-Environment": f"e{i // 30}"}  # fmt: skip
-                body = {"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+        async with GatewayServer(cfg, port=0, registry=reg, enforce=False) as server, aiohttp.ClientSession() as s:
+
+            async def call(i: int) -> int:
+                headers = {"Authorization": f"Bearer {KEYS['support']}", "X-Project": f"p{i % 50}",
+                           "X-Environment": f"e{(i // 50) % 10}"}  # fmt: skip
+                body = {"model": f"gpt-4o-{i // 500}", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
                 async with s.post(server.url + "/v1/chat/completions", json=body, headers=headers) as r:
-                    assert r.status == 200
-    assert len(_sets(reg, "support")) <= 20
-    assert _value(reg, "tokenfuse_requests_total", department="support", outcome="success") == 60
+                    await r.read()
+                    return r.status
+
+            for start in range(0, 3000, 100):
+                assert set(await asyncio.gather(*(call(i) for i in range(start, start + 100)))) == {200}
+    sets = _sets(reg, "support")
+    assert 900 <= len(sets) <= 1000
+    assert _value(reg, "tokenfuse_requests_total", department="support", outcome="success") == 3000
     assert _value(reg, "tokenfuse_label_overflow_total", department="support") > 0
 
 
