@@ -421,3 +421,25 @@ def test_compressed_answer_passes_intact_and_is_metered(raw: RawUpstream, gw: Ga
     assert json.loads(gzip.decompress(body))["usage"]["completion_tokens"] == 22
     assert _metric(gw, "tokenfuse_tokens_total", department="marketing", token_type="output") == 22
     assert _metric(gw, "tokenfuse_estimated_requests_total", department="marketing") == 0
+
+
+def test_connections_beyond_the_cap_are_closed(raw: RawUpstream, tmp_path: Path) -> None:
+    """gateway.max_connections 2: a third client connection is closed at once, the two others still work."""
+    g = _gateway(raw, tmp_path, "gw-cap", gateway={"max_connections": 2})
+    try:
+        held = [socket.create_connection(("127.0.0.1", g.port), timeout=5) for _ in range(2)]
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", g.port), timeout=5) as third:
+            third.sendall(_post("/v1/chat/completions", CHAT % b"3"))
+            try:
+                data = third.recv(100)
+            except ConnectionResetError:
+                data = b""
+            assert data == b""  # closed without an answer
+        held[0].sendall(_post("/v1/chat/completions", CHAT % b"1"))
+        assert held[0].recv(100).startswith(b"HTTP/1.1 200")
+        for s in held:
+            s.close()
+        assert "connection_refused" in g.log.read_text()
+    finally:
+        g.stop()
