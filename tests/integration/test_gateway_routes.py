@@ -103,8 +103,8 @@ async def test_google_genai_sdk_through_the_gateway(upstream: FakeUpstream, gw: 
     assert KEYS["marketing"] not in str(req.headers) and KEYS["marketing"] not in req.path
 
 
-def test_gemini_key_in_the_query_is_accepted_and_never_forwarded(upstream: FakeUpstream, gw: GatewayProcess) -> None:
-    """?key=<virtual key> authenticates, and the key is stripped from the query the upstream sees."""
+def test_gemini_key_in_the_query_is_accepted(upstream: FakeUpstream, gw: GatewayProcess) -> None:
+    """?key=<virtual key> authenticates a Gemini call (test_gateway_security checks it is never forwarded)."""
     import json
 
     upstream.reset()
@@ -113,8 +113,7 @@ def test_gemini_key_in_the_query_is_accepted_and_never_forwarded(upstream: FakeU
                                  data=body, headers={"Content-Type": "application/json"})  # fmt: skip
     with urllib.request.urlopen(req, timeout=10) as r:
         assert r.status == 200
-    (rec,) = upstream.requests
-    assert "key=" not in rec.path
+    assert len(upstream.requests) == 1
 
 
 def test_gemini_errors_are_google_shaped(gw: GatewayProcess) -> None:

@@ -443,3 +443,24 @@ def test_connections_beyond_the_cap_are_closed(raw: RawUpstream, tmp_path: Path)
         assert "connection_refused" in g.log.read_text()
     finally:
         g.stop()
+
+
+def test_gemini_query_key_never_reaches_the_upstream(raw: RawUpstream, tmp_path: Path) -> None:
+    """The virtual key in Gemini's ?key= (also spelled %6Bey=) authenticates and is removed from the target the
+    upstream receives; other parameters pass raw; the upstream key goes as x-goog-api-key."""
+    cfg = fake_config(raw.url, tmp_path).model_dump(mode="json")
+    cfg["upstreams"].insert(0, {"name": "g", "base_url": raw.url, "provider": "google", "models": ["gemini-*"],
+                                "api_key_env": "TOKENFUSE_TEST_UPSTREAM_KEY"})  # fmt: skip
+    g = GatewayProcess(cfg, tmp_path, "gw-gemini").start()
+    body = b'{"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}'
+    try:
+        for q in (f"key={KEYS['marketing']}&alt=json", f"alt=json&%6Bey={KEYS['marketing']}"):
+            head = (f"POST /v1beta/models/gemini-2.5-flash:generateContent?{q} HTTP/1.1\r\nHost: gw\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+            status, _, out = _raw_http(g.port, head.encode() + body)
+            assert status == 200, out
+    finally:
+        g.stop()
+    assert [r.target for r in raw.requests] == ["/v1beta/models/gemini-2.5-flash:generateContent?alt=json"] * 2
+    assert all(r.header("x-goog-api-key") == "sk-up" for r in raw.requests)
+    assert KEYS["marketing"] not in b"".join(bytes(c) for c in raw.received).decode("latin-1")

@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import web
@@ -685,7 +686,10 @@ def _upstream_target(request: web.Request, native: bool = False) -> str:
     target = path if native else (path[3:] if path.startswith("/v1/") else path)
     if native and raw_query:
         # Gemini's ?key= carries the client's virtual key: it never goes upstream (the upstream key is a header).
-        raw_query = "&".join(p for p in raw_query.split("&") if p and not p.startswith("key="))
+        # Compared decoded, as aiohttp reads it for authentication: %6Bey= is a key too.
+        raw_query = "&".join(
+            p for p in raw_query.split("&") if p and unquote_plus(p.partition("=")[0]) != "key"
+        )
     return target + "?" + raw_query if sep and raw_query else target
 
 
