@@ -89,7 +89,9 @@ async def test_google_genai_sdk_through_the_gateway(upstream: FakeUpstream, gw: 
         usage = r.usage_metadata
     else:
         usage = None
-        async for chunk in await client.aio.models.generate_content_stream(model=MODEL, contents="Tell me about fuses."):
+        async for chunk in await client.aio.models.generate_content_stream(
+            model=MODEL, contents="Tell me about fuses."
+        ):
             usage = chunk.usage_metadata or usage
     assert usage is not None and usage.prompt_token_count and usage.candidates_token_count
     d = _delta(before, _metrics(gw))
@@ -129,6 +131,7 @@ def test_gemini_errors_are_google_shaped(gw: GatewayProcess) -> None:
 
 def test_anthropic_count_tokens_is_passed_through_unbilled(upstream: FakeUpstream, gw: GatewayProcess) -> None:
     """messages.count_tokens through the gateway answers the upstream's count and bills nothing."""
+
     def billed() -> float:
         with urllib.request.urlopen(gw.url + "/metrics", timeout=5) as r:
             text = r.read().decode()

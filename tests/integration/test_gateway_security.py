@@ -120,7 +120,9 @@ def test_expect_and_interim_responses(raw: RawUpstream, gw: GatewayProcess) -> N
     )
     for i in range(20):
         who = f"caller-{i}".encode()
-        status, _, body = _raw_http(gw.port, _post("/v1/chat/completions", CHAT % who, extra="Expect: 100-continue\r\n"))
+        status, _, body = _raw_http(
+            gw.port, _post("/v1/chat/completions", CHAT % who, extra="Expect: 100-continue\r\n")
+        )
         assert status == 200, body
         assert json.loads(body)["choices"][0]["message"]["content"] == f"answer for caller-{i}"
     assert len(raw.requests) == 20
@@ -183,7 +185,7 @@ def test_bad_framing_is_an_error_and_the_next_caller_is_unaffected(raw: RawUpstr
     def answer(req: RawRequest) -> list[bytes | float]:
         calls["n"] += 1
         if calls["n"] == 1:
-            return [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"partial\":"]
+            return [b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{"partial":']
         return json_answer(req)
 
     raw.answer = answer
@@ -269,7 +271,9 @@ def test_admin_rejects_nan_and_infinity(raw: RawUpstream, gw: GatewayProcess) ->
                  b'{"action":"open","ttl_seconds":1e308}', b"[" * 5000 + b"]" * 5000):  # fmt: skip
         status, _, out = _raw_http(gw.port, _post("/admin/fuses/marketing", body, key=ADMIN))
         assert status == 400, (body[:40], out)
-    status, _, out = _raw_http(gw.port, _post("/admin/fuses/marketing", b'{"action":"open","ttl_seconds":60}', key=ADMIN))
+    status, _, out = _raw_http(
+        gw.port, _post("/admin/fuses/marketing", b'{"action":"open","ttl_seconds":60}', key=ADMIN)
+    )
     assert status == 200, out
 
 

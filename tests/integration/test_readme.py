@@ -105,7 +105,8 @@ print(urllib.request.urlopen(URL + "/metrics", timeout=5).read().decode())
         (s.labels["provider"], s.labels["project"], s.labels["environment"]): s.value
         for fam in text_string_to_metric_families(text)
         for s in fam.samples
-        if s.name == "tokenfuse_requests_total" and s.labels["department"] == "marketing"
+        if s.name == "tokenfuse_requests_total"
+        and s.labels["department"] == "marketing"
         and s.labels["outcome"] == "success"
     }
     # The OpenAI client sends the project headers; the Anthropic one, as written, does not.

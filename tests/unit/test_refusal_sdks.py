@@ -88,6 +88,7 @@ def test_openai_sync_gets_its_rate_limit_error_without_retry(
         before = _blocked(reg)
         client = openai.OpenAI(base_url=upstream.url + "/v1", api_key="x",
                                http_client=http(transport=_transport(tokenfuse.MeteredTransport, eng, meter)))  # fmt: skip
+
         def create() -> Any:
             return client.chat.completions.create(model="gpt-4o", max_tokens=1000, messages=MSG)  # type: ignore[arg-type]  # noqa: B023
 
@@ -112,6 +113,7 @@ async def test_openai_async_gets_its_rate_limit_error_without_retry(
     client = openai.AsyncOpenAI(
         base_url=upstream.url + "/v1", api_key="x",
         http_client=httpx.AsyncClient(transport=_transport(tokenfuse.AsyncMeteredTransport, eng, meter)))  # fmt: skip
+
     def create() -> Any:
         return client.chat.completions.create(model="gpt-4o", max_tokens=1000, messages=MSG)  # type: ignore[arg-type]
 
@@ -133,6 +135,7 @@ def test_anthropic_sync_gets_its_rate_limit_error_without_retry(
     eng, meter, reg = engine
     client = anthropic.Anthropic(base_url=upstream.url, api_key="x",
                                  http_client=httpx2.Client(transport=_transport(tokenfuse.MeteredTransport, eng, meter)))  # fmt: skip
+
     def create() -> Any:
         return client.messages.create(model="claude-sonnet-4-5", max_tokens=1000, messages=MSG)  # type: ignore[arg-type]
 
@@ -156,6 +159,7 @@ async def test_anthropic_async_gets_its_rate_limit_error_without_retry(
     client = anthropic.AsyncAnthropic(
         base_url=upstream.url, api_key="x",
         http_client=httpx2.AsyncClient(transport=_transport(tokenfuse.AsyncMeteredTransport, eng, meter)))  # fmt: skip
+
     def create() -> Any:
         return client.messages.create(model="claude-sonnet-4-5", max_tokens=1000, messages=MSG)  # type: ignore[arg-type]
 

@@ -229,7 +229,9 @@ class Meter:
                     key = labels.as_tuple()
                     tok = self.metrics.token_details
                     details = series.details = (
-                        tok.labels(*key, "cache_read"), tok.labels(*key, "cache_write"), tok.labels(*key, "reasoning")
+                        tok.labels(*key, "cache_read"),
+                        tok.labels(*key, "cache_write"),
+                        tok.labels(*key, "reasoning"),
                     )
             if usage.estimated:
                 self._child(("est", labels.department, labels.provider, labels.model), self.metrics.estimated, 3).inc()
@@ -247,7 +249,8 @@ class Meter:
                 det = series.details
                 if det is not None:
                     for child, n in zip(
-                        det, (usage.cache_read_tokens, usage.cache_write_tokens, usage.output_reasoning_tokens),
+                        det,
+                        (usage.cache_read_tokens, usage.cache_write_tokens, usage.output_reasoning_tokens),
                         strict=True,
                     ):
                         if type(n) is int and n > 0:

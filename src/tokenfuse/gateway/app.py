@@ -687,9 +687,7 @@ def _upstream_target(request: web.Request, native: bool = False) -> str:
     if native and raw_query:
         # Gemini's ?key= carries the client's virtual key: it never goes upstream (the upstream key is a header).
         # Compared decoded, as aiohttp reads it for authentication: %6Bey= is a key too.
-        raw_query = "&".join(
-            p for p in raw_query.split("&") if p and unquote_plus(p.partition("=")[0]) != "key"
-        )
+        raw_query = "&".join(p for p in raw_query.split("&") if p and unquote_plus(p.partition("=")[0]) != "key")
     return target + "?" + raw_query if sep and raw_query else target
 
 

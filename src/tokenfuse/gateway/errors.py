@@ -10,6 +10,7 @@ from tokenfuse.exporter.admission import ErrorStyle, error_body
 
 __all__ = ["ErrorStyle", "GatewayError", "error_body", "error_response"]
 
+
 class GatewayError(Exception):
     """A request the gateway refuses; carries everything the error response needs.
 

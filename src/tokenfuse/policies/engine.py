@@ -319,8 +319,10 @@ class PolicyEngine:
 
     def _export(self, t: Transition, reading: Reading | None) -> None:
         d = self._depts.get(t.department)
-        gauges = d.gauges if d is not None and d.gauges is not None else self.metrics.department(
-            t.department, self._window_label
+        gauges = (
+            d.gauges
+            if d is not None and d.gauges is not None
+            else self.metrics.department(t.department, self._window_label)
         )
         gauges.transition(t.from_state.value, t.to_state.value)
         log.info(
