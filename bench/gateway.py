@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +21,8 @@ from typing import Any
 
 import aiohttp
 import yaml
+from _load import free_port, rss_mb, wait_http, write_lua
+from _load import wrk as run_wrk
 
 KEY = "tf-bench-key"
 BODY = {
@@ -34,62 +32,8 @@ BODY = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 15.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except Exception:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
-
-
-def rss_mb(pid: int) -> tuple[float, float]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
-    hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
-    return rss, hwm
-
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    if not m:
-        raise ValueError(text)
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def wrk(url: str, connections: int, duration: float, headers: dict[str, str]) -> dict[str, float]:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
-        lua.write('wrk.method = "POST"\n')
-        lua.write(f"wrk.body = {json.dumps(json.dumps(BODY))}\n")
-        for k, v in {"Content-Type": "application/json", **headers}.items():
-            lua.write(f'wrk.headers["{k}"] = "{v}"\n')
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-s", lua.name, url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    os.unlink(lua.name)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if errors:
-        raise RuntimeError(f"wrk saw {errors.group(1)} error responses from {url}:\n{out}")
-    return {"rps": rps, "p50": p50, "p99": p99}
+def wrk(url: str, connections: int, duration: float, headers: dict[str, str], tmp: Path) -> dict[str, float]:
+    return run_wrk(url, write_lua(tmp / "gateway.lua", BODY, headers), connections, duration)
 
 
 async def ttfc(url: str, headers: dict[str, str], n: int) -> float:
@@ -157,14 +101,14 @@ def main() -> int:
         rows = []
         peak = 0.0
         for c in (1, 32):
-            wrk(direct, c, 2, {})  # warm-up
-            wrk(via, c, 2, auth)
+            wrk(direct, c, 2, {}, tmp)  # warm-up
+            wrk(via, c, 2, auth, tmp)
             # This VM's speed drifts by 2x over minutes: alternate direct and gateway runs and take medians,
             # so a slow spell hits both sides.
             ds, gs = [], []
             for _ in range(args.rounds):
-                ds.append(wrk(direct, c, args.duration, {}))
-                gs.append(wrk(via, c, args.duration, auth))
+                ds.append(wrk(direct, c, args.duration, {}, tmp))
+                gs.append(wrk(via, c, args.duration, auth, tmp))
             peak = max(peak, rss_mb(procs[1].pid)[1])
             rows.append((c, _median(ds), _median(gs)))
         t_direct = statistics.median(asyncio.run(ttfc(direct, {}, 200)) for _ in range(args.rounds))

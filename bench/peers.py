@@ -23,7 +23,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from _load import free_port, rss_mb, wait_http, write_lua, wrk
 
 KEY = "tf-bench-key"
 BODY = {
@@ -67,23 +67,12 @@ class Target:
 # ---- small helpers, as in bench/gateway.py ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SetupError(f"exited with code {proc.returncode} before {url} answered{log_tail(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except Exception:
-            time.sleep(0.2)
-    raise SetupError(f"{url} did not answer within {timeout:g} s{log_tail(log)}")
+def wait_up(url: str, proc: subprocess.Popen[bytes], log: Path | None, timeout: float) -> None:
+    """`wait_http`, failing as a `SetupError` that carries the server's last log lines."""
+    try:
+        wait_http(url, timeout, proc)
+    except RuntimeError as e:
+        raise SetupError(f"{e}{log_tail(log)}") from None
 
 
 def log_tail(log: Path | None, lines: int = 8) -> str:
@@ -93,48 +82,8 @@ def log_tail(log: Path | None, lines: int = 8) -> str:
     return ("; last lines of " + str(log) + ":\n    " + "\n    ".join(text)) if text else ""
 
 
-def rss_mb(pid: int) -> float:
-    m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
-    return int(m.group(1)) / 1024 if m else float("nan")
-
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
-    if not m:
-        raise ValueError(text)
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
 def lua_script(headers: dict[str, str], directory: Path) -> Path:
-    path = directory / f"wrk-{secrets.token_hex(4)}.lua"
-    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(BODY))}"]
-    for k, v in {"Content-Type": "application/json", **headers}.items():
-        lines.append(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def wrk(t: Target, lua: Path, connections: int, duration: float) -> dict[str, float]:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-s", str(lua), t.url]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-    out = res.stdout
-    if res.returncode != 0:
-        raise RuntimeError(f"wrk exited {res.returncode}: {res.stderr.strip() or out.strip()}")
-    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if errors:
-        raise RuntimeError(f"wrk saw {errors.group(1)} error responses")
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    p50 = re.search(r"\s50%\s+(\S+)", out)
-    if not rps or not p50:
-        raise RuntimeError(f"could not parse wrk output:\n{out}")
-    result = {"rps": float(rps.group(1)), "p50": _ms(p50.group(1))}
-    timeouts = re.search(r"Socket errors:.*timeout (\d+)", out)
-    if timeouts and int(timeouts.group(1)):
-        result["timeouts"] = float(timeouts.group(1))
-    return result
+    return write_lua(directory / f"wrk-{secrets.token_hex(4)}.lua", BODY, headers)
 
 
 def probe(t: Target) -> None:
@@ -253,7 +202,7 @@ def setup_litellm(venv: Path, up_port: int, tmp: Path, procs: list[subprocess.Po
            "--num_workers", "1"]  # fmt: skip
     proc = start(cmd, log, env=env, cwd=tmp)
     procs.append(proc)
-    wait_http(f"http://127.0.0.1:{port}/health/liveliness", proc, log, timeout=90)
+    wait_up(f"http://127.0.0.1:{port}/health/liveliness", proc, log, timeout=90)
     return Target("LiteLLM proxy", version, f"http://127.0.0.1:{port}/v1/chat/completions",
                   {"Authorization": f"Bearer {master_key}"}, proc)  # fmt: skip
 
@@ -285,7 +234,7 @@ def setup_portkey(directory: Path, up_port: int, tmp: Path, procs: list[subproce
     # It reads only --port=N (a separate "--port N" is ignored and it listens on 8787); --headless: no UI, no log stream.
     proc = start(["node", str(pkg / "build" / "start-server.js"), f"--port={port}", "--headless"], log, cwd=directory)
     procs.append(proc)
-    wait_http(f"http://127.0.0.1:{port}/", proc, log, timeout=30)
+    wait_up(f"http://127.0.0.1:{port}/", proc, log, timeout=30)
     headers = {
         "x-portkey-provider": "openai",
         "x-portkey-custom-host": f"http://127.0.0.1:{up_port}/v1",
@@ -343,13 +292,13 @@ def measure_round(targets: list[Target], order: list[Target], lua: dict[str, Pat
             if t.failed:
                 continue
             try:
-                r = wrk(t, lua[t.name], conns, duration)
+                r = wrk(t.url, lua[t.name], conns, duration)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 t.failed = f"failed during measurement at c={conns}: {e}"
                 print(f"  {t.name}: {t.failed}", file=sys.stderr)
                 continue
             record(t, r)
-            extra = f", {r['timeouts']:.0f} timeouts" if "timeouts" in r else ""
+            extra = f", {r['timeouts']:.0f} timeouts" if r["timeouts"] else ""
             print(f"  c={conns:<2} {t.name:<22} {r['rps']:>9.0f} req/s  p50 {r['p50']:.2f} ms{extra}", file=sys.stderr)
 
 
@@ -398,8 +347,8 @@ def main() -> int:
         gw = start([sys.executable, "-m", "tokenfuse.cli", "serve", "--config", str(tmp / "tokenfuse.yaml")],
                    tmp / "tokenfuse.log")  # fmt: skip
         procs.append(gw)
-        wait_http(f"http://127.0.0.1:{up_port}/v1/models", up, tmp / "upstream.log", timeout=20)
-        wait_http(f"http://127.0.0.1:{gw_port}/healthz", gw, tmp / "tokenfuse.log", timeout=20)
+        wait_up(f"http://127.0.0.1:{up_port}/v1/models", up, tmp / "upstream.log", timeout=20)
+        wait_up(f"http://127.0.0.1:{gw_port}/healthz", gw, tmp / "tokenfuse.log", timeout=20)
         targets.append(Target("direct (fake upstream)", "-", f"http://127.0.0.1:{up_port}/v1/chat/completions", {}, up))
         targets.append(Target("tokenfuse (enforce)", tokenfuse_version(), f"http://127.0.0.1:{gw_port}/v1/chat/completions",
                               {"Authorization": f"Bearer {KEY}"}, gw))  # fmt: skip
@@ -428,7 +377,7 @@ def main() -> int:
         print(f"warm-up, {args.warmup:g} s each at c=32", file=sys.stderr)
         for t in targets:
             try:
-                wrk(t, lua[t.name], 32, args.warmup)
+                wrk(t.url, lua[t.name], 32, args.warmup)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 t.failed = f"failed during warm-up: {e}"
                 print(f"  {t.name}: {t.failed}", file=sys.stderr)
@@ -437,7 +386,7 @@ def main() -> int:
             order = targets[k:] + targets[:k]
             print(f"round {rnd + 1}/{args.rounds}: {' -> '.join(t.name for t in order)}", file=sys.stderr)
             measure_round(targets, order, lua, args)
-        rss = {t.name: rss_mb(t.proc.pid) for t in targets if t.proc is not None and t.proc.poll() is None}
+        rss = {t.name: rss_mb(t.proc.pid)[0] for t in targets if t.proc is not None and t.proc.poll() is None}
     except SetupError as e:
         print(f"setup failed: {e}\n(logs kept in {tmp})", file=sys.stderr)
         return 1

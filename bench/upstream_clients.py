@@ -21,10 +21,8 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
+from _load import WrkError, free_port, wait_http, write_lua, wrk
 from aiohttp import web
 
 BODY: dict[str, Any] = {
@@ -265,70 +264,6 @@ def serve_upstream(port: int, chunk_delay: float) -> None:
 # The driver (free_port, wait_http, _ms and the wrk parsing follow bench/gateway.py)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except Exception:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
-
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    if not m:
-        raise ValueError(text)
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def write_lua(body: dict[str, Any], directory: Path, name: str) -> Path:
-    path = directory / f"{name}.lua"
-    lines = [
-        'wrk.method = "POST"',
-        f"wrk.body = {json.dumps(json.dumps(body))}",
-        'wrk.headers["Content-Type"] = "application/json"',
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-class WrkError(RuntimeError):
-    pass
-
-
-def wrk(url: str, lua: Path, connections: int, duration: float) -> dict[str, float]:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-s", str(lua), url]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30)
-    out = done.stdout
-    if done.returncode != 0:
-        raise WrkError(f"wrk exited {done.returncode} for {url}: {done.stderr.strip() or out}")
-    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if errors:
-        raise WrkError(f"wrk saw {errors.group(1)} error responses from {url}")
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if sock and any(int(n) for n in sock.groups()):
-        raise WrkError(f"wrk saw socket errors from {url}: {sock.group(0)}")
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    p50 = re.search(r"\s50%\s+(\S+)", out)
-    total = re.search(r"(\d+) requests in", out)
-    if not (rps and p50 and total) or int(total.group(1)) == 0:
-        raise WrkError(f"cannot parse wrk output for {url}:\n{out}")
-    return {"rps": float(rps.group(1)), "p50": _ms(p50.group(1))}
-
-
 def _post(url: str, body: dict[str, Any]) -> tuple[int, str, str | None, bytes]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
@@ -401,7 +336,7 @@ def main() -> int:
         return 2
 
     tmp = Path(tempfile.mkdtemp(prefix="tokenfuse-upstream-clients-"))
-    luas = {mode: write_lua(body, tmp, mode) for mode, body in MODES.items()}
+    luas = {mode: write_lua(tmp / f"{mode}.lua", body) for mode, body in MODES.items()}
     procs: list[subprocess.Popen[bytes]] = []
     logs: dict[str, IO[bytes]] = {}
     notes: list[str] = []
@@ -455,7 +390,10 @@ def main() -> int:
 
         def run(target: str, mode: str, conc: int, duration: float) -> dict[str, float] | None:
             try:
-                return wrk(targets[target], luas[mode], conc, duration)
+                result = wrk(targets[target], luas[mode], conc, duration)
+                if result["socket_errors"]:
+                    raise WrkError(f"wrk saw {result['socket_errors']:.0f} socket errors from {targets[target]}")
+                return result
             except (WrkError, subprocess.TimeoutExpired) as e:
                 notes.append(f"{target} {mode} c={conc}: {e}")
                 failed.add(target)
