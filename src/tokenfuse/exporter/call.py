@@ -296,6 +296,7 @@ class MeteredCall:
         final = False
         text = ""
         chars: int | None = None
+        data: bytes | None = None
         parser = self._parser
         if parser is not None:
             reported = parser.result()
@@ -305,14 +306,12 @@ class MeteredCall:
             data = b"".join(self._body)
             reported = extract_usage(self.api, data)
             final = reported is not None
-            if reported is None:
-                text = response_text(self.api, data)
         if reported is not None and not self.meter.believable(
             self.labels.provider, reported.model or self.labels.model, reported
         ):
             reported, final = None, False  # e.g. prompt_tokens: 2^53 - 1: estimated instead, and flagged
-            if self._body is not None:
-                text = response_text(self.api, b"".join(self._body))
+        if reported is None and data is not None:
+            text = response_text(self.api, data)
         if reported is not None and final:
             return reported
         est = estimate_usage(self.api, self.request_json, text, self.request_model, output_chars=chars)

@@ -24,7 +24,7 @@ from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from tokenfuse.config import NEVER_FORWARDED, UNASSIGNED, Config, Upstream
+from tokenfuse.config import NEVER_FORWARDED, UNASSIGNED, Config, GatewayConfig, Upstream
 from tokenfuse.exporter.admission import refusal
 from tokenfuse.exporter.call import MeteredCall
 from tokenfuse.exporter.meter import Meter
@@ -327,20 +327,7 @@ class Gateway:
         try:
             target = _upstream_target(request, native=path_model is not None)
             dept = self._department(request, query_key=path_model is not None)
-            gw = self.config.gateway
-            if request.content_length is not None and request.content_length > gw.max_body_bytes:
-                raise _too_large(gw.max_body_bytes)
-            raw = await _read_body(request, gw.max_body_bytes, gw.body_timeout)
-            try:
-                body = jsonio.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise GatewayError(
-                    400, "The request body is not valid JSON.", "invalid_request_error", "invalid_json"
-                ) from None
-            if not isinstance(body, dict):
-                raise GatewayError(
-                    400, "The request body must be a JSON object.", "invalid_request_error", "invalid_json"
-                )
+            raw, body = await _json_object(request, self.config.gateway)
             if path_model is None:
                 model = request_model(api, body, request.path)
                 if not model or not isinstance(body.get("model"), str):
@@ -460,12 +447,10 @@ class Gateway:
         t_up = time.perf_counter()
         try:
             up = await client.send(target, headers, raw, stream=stream)
-        except UpstreamTimeout as e:
-            return self._upstream_failed(call, 504, "upstream_timeout", f"upstream '{upstream.name}': {e}", style)
         except UpstreamError as e:
             if isinstance(e, UpstreamBodyError):
                 call.on_cut_answer()
-            return self._upstream_failed(call, 502, "upstream_unreachable", f"upstream '{upstream.name}': {e}", style)
+            return self._upstream_failed(call, upstream, e, style)
         try:
             ctype = up.header("content-type")
             call.on_head(up.status, ctype.encode("latin-1"), up.header("content-encoding").encode("latin-1"))
@@ -475,10 +460,8 @@ class Gateway:
                 return await self._stream(request, call, up, resp_headers, inject_usage, t_up)
             try:
                 data = await up.read()
-            except UpstreamTimeout as e:
-                return self._upstream_failed(call, 504, "upstream_timeout", str(e), style)
             except UpstreamError as e:
-                return self._upstream_failed(call, 502, "upstream_unreachable", str(e), style)
+                return self._upstream_failed(call, upstream, e, style)
             t_back = time.perf_counter()
         finally:
             await up.release()
@@ -546,12 +529,10 @@ class Gateway:
                 await fut
 
     def _upstream_failed(
-        self, call: MeteredCall, status: int, code: str, message: str, style: ErrorStyle
+        self, call: MeteredCall, upstream: Upstream, error: UpstreamError, style: ErrorStyle
     ) -> web.Response:
-        call.finish(code)
-        return error_response(
-            status, message, "api_error", code, {"x-tokenfuse-department": call.labels.department}, style
-        )
+        call.finish(_upstream_status(error)[1])
+        return _upstream_error_response(upstream, error, call.labels.department, style)
 
     # -- pass-through routes: authenticated, forwarded to the department's upstream, never billed -------------
 
@@ -561,14 +542,8 @@ class Gateway:
         try:
             target = _upstream_target(request)
             dept = self._department(request)
-            gw = self.config.gateway
-            raw = await _read_body(request, gw.max_body_bytes, gw.body_timeout)
-            try:
-                body = jsonio.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise GatewayError(400, "The request body is not valid JSON.", "invalid_request_error",
-                                   "invalid_json") from None  # fmt: skip
-            model = body.get("model") if isinstance(body, dict) else None
+            raw, body = await _json_object(request, self.config.gateway)
+            model = body.get("model")
             if not isinstance(model, str) or not model:
                 raise GatewayError(400, "The request body has no 'model' (a string).", "invalid_request_error",
                                    "missing_model")  # fmt: skip
@@ -607,12 +582,8 @@ class Gateway:
                 data = await up.read()
             finally:
                 await up.release()
-        except UpstreamTimeout as e:
-            return error_response(504, f"upstream '{upstream.name}': {e}", "api_error", "upstream_timeout", extra,
-                                  style)  # fmt: skip
         except UpstreamError as e:
-            return error_response(502, f"upstream '{upstream.name}': {e}", "api_error", "upstream_unreachable",
-                                  extra, style)  # fmt: skip
+            return _upstream_error_response(upstream, e, dept, style)
         resp_headers = {k: v for k, v in up.headers if k.lower() not in _DROP_RESPONSE}
         resp_headers.update(extra)
         return web.Response(status=up.status, body=data, headers=resp_headers)
@@ -668,6 +639,19 @@ class Gateway:
         )
 
 
+def _upstream_status(error: UpstreamError) -> tuple[int, str]:
+    """504 ``upstream_timeout`` when the upstream was too slow, else 502 ``upstream_unreachable``."""
+    return (504, "upstream_timeout") if isinstance(error, UpstreamTimeout) else (502, "upstream_unreachable")
+
+
+def _upstream_error_response(
+    upstream: Upstream, error: UpstreamError, department: str, style: ErrorStyle
+) -> web.Response:
+    status, code = _upstream_status(error)
+    return error_response(status, f"upstream '{upstream.name}': {error}", "api_error", code,
+                          {"x-tokenfuse-department": department}, style)  # fmt: skip
+
+
 def _upstream_target(request: web.Request, native: bool = False) -> str:
     """The path after ``/v1`` (``native``: the whole path, for an upstream whose base URL is the API root, as
     Gemini's is) plus the raw (undecoded) query without a ``key`` parameter, or 400 ``invalid_request_target``."""
@@ -689,6 +673,22 @@ def _upstream_target(request: web.Request, native: bool = False) -> str:
         # Compared decoded, as aiohttp reads it for authentication: %6Bey= is a key too.
         raw_query = "&".join(p for p in raw_query.split("&") if p and unquote_plus(p.partition("=")[0]) != "key")
     return target + "?" + raw_query if sep and raw_query else target
+
+
+async def _json_object(request: web.Request, gw: GatewayConfig) -> tuple[bytes, dict[str, Any]]:
+    """The request body as received and as a JSON object, or the 4xx that says why not."""
+    if request.content_length is not None and request.content_length > gw.max_body_bytes:
+        raise _too_large(gw.max_body_bytes)
+    raw = await _read_body(request, gw.max_body_bytes, gw.body_timeout)
+    try:
+        body = jsonio.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise GatewayError(
+            400, "The request body is not valid JSON.", "invalid_request_error", "invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "The request body must be a JSON object.", "invalid_request_error", "invalid_json")
+    return raw, body
 
 
 async def _read_body(request: web.Request, limit: int, within_s: float) -> bytes:
