@@ -30,7 +30,6 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -126,48 +125,43 @@ class AiohttpForwarder(Forwarder):
 
 
 class PyreqwestForwarder(Forwarder):
+    """pyreqwest as the gateway uses it: tokenfuse's own `UpstreamClient` (its builder settings, its streaming)."""
+
     def __init__(self, upstream: str) -> None:
         super().__init__(upstream)
-        from pyreqwest.client import Client
-
-        self.client: Client | None = None
+        self.base = upstream.rstrip("/")
+        self.client: Any = None
 
     async def start(self) -> None:
-        from pyreqwest.client import ClientBuilder
+        from tokenfuse.config import Upstream
+        from tokenfuse.gateway.upstream import UpstreamClient
 
-        self.client = (
-            ClientBuilder()
-            .connect_timeout(timedelta(seconds=CONNECT_TIMEOUT))
-            .read_timeout(timedelta(seconds=READ_TIMEOUT))
-            .gzip(False)
-            .brotli(False)
-            .zstd(False)
-            .deflate(False)
-            .follow_redirects(False)
-            .error_for_status(False)
-            .http1_only()
-            .build()
-        )
+        up = Upstream(name="bench", base_url=self.base, provider="openai", models=["*"],
+                      timeout=READ_TIMEOUT, connect_timeout=CONNECT_TIMEOUT)  # fmt: skip
+        self.client = UpstreamClient(up, {})
 
     async def close(self) -> None:
         if self.client is not None:
             await self.client.close()
 
     async def whole(self, raw: bytes, headers: dict[str, str]) -> web.Response:
-        assert self.client is not None
-        r = await self.client.post(self.url).headers(headers).body_bytes(raw).build().send()
-        body = bytes(await r.bytes())
-        return web.Response(status=r.status, body=body, headers={"Content-Type": r.get_header("content-type") or ""})
+        r = await self.client.send(PATH, list(headers.items()), raw, stream=False)
+        try:
+            body = await r.read()
+        finally:
+            await r.release()
+        return web.Response(status=r.status, body=body, headers={"Content-Type": r.header("content-type")})
 
     async def stream(self, request: web.Request, raw: bytes, headers: dict[str, str]) -> web.StreamResponse:
-        assert self.client is not None
-        async with self.client.post(self.url).headers(headers).body_bytes(raw).build_streamed() as r:
-            out = await _relay_start(request, r.status, r.get_header("content-type"))
-            reader = r.body_reader
-            while (chunk := await reader.read_chunk()) is not None:
-                await out.write(bytes(chunk))
+        r = await self.client.send(PATH, list(headers.items()), raw, stream=True)
+        try:
+            out = await _relay_start(request, r.status, r.header("content-type") or None)
+            async for chunk in r.iter_chunks():
+                await out.write(chunk)
             await out.write_eof()
-            return out
+        finally:
+            await r.release()
+        return out
 
 
 class HttpxForwarder(Forwarder):
