@@ -3,6 +3,7 @@ never retried, counted once."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,10 +49,9 @@ def _blocked(reg: CollectorRegistry) -> float:
     )
 
 
-@pytest.fixture
-def engine(upstream: FakeUpstream, tmp_path: Path) -> Iterator[tuple[PolicyEngine, Meter, CollectorRegistry]]:
-    # A budget far below one call's worst case: every call is refused before anything is sent.
-    cfg = _config(upstream, tmp_path, monthly_budget_usd=0.0001)
+@contextlib.contextmanager
+def _engine(upstream: FakeUpstream, cfg: Config) -> Iterator[tuple[PolicyEngine, Meter, CollectorRegistry]]:
+    """An open policy engine on its own registry; the fake upstream's record cleared."""
     reg = CollectorRegistry()
     meter = Meter(cfg, reg)
     eng = PolicyEngine(cfg, meter)
@@ -61,6 +61,13 @@ def engine(upstream: FakeUpstream, tmp_path: Path) -> Iterator[tuple[PolicyEngin
         yield eng, meter, reg
     finally:
         eng.close()
+
+
+@pytest.fixture
+def engine(upstream: FakeUpstream, tmp_path: Path) -> Iterator[tuple[PolicyEngine, Meter, CollectorRegistry]]:
+    # A budget far below one call's worst case: every call is refused before anything is sent.
+    with _engine(upstream, _config(upstream, tmp_path, monthly_budget_usd=0.0001)) as made:
+        yield made
 
 
 def _transport(cls: type[Any], eng: PolicyEngine, meter: Meter) -> Any:
@@ -175,12 +182,7 @@ async def test_anthropic_async_gets_its_rate_limit_error_without_retry(
 
 def test_open_fuse_is_department_fuse_open(upstream: FakeUpstream, tmp_path: Path) -> None:
     """An operator-opened fuse is refused with code department_fuse_open."""
-    cfg = _config(upstream, tmp_path, monthly_budget_usd=100)
-    reg = CollectorRegistry()
-    meter = Meter(cfg, reg)
-    eng = PolicyEngine(cfg, meter)
-    eng.open()
-    try:
+    with _engine(upstream, _config(upstream, tmp_path, monthly_budget_usd=100)) as (eng, meter, _reg):
         eng.override("marketing", "open", "test", None, actor="test")
         client = openai.OpenAI(base_url=upstream.url + "/v1", api_key="x",
                                http_client=httpx.Client(transport=_transport(tokenfuse.MeteredTransport, eng, meter)))  # fmt: skip
@@ -188,8 +190,6 @@ def test_open_fuse_is_department_fuse_open(upstream: FakeUpstream, tmp_path: Pat
             client.chat.completions.create(model="gpt-4o", max_tokens=10, messages=MSG)  # type: ignore[arg-type]
         assert e.value.code == "department_fuse_open"
         assert e.value.response.headers["x-tokenfuse-fuse-state"] == "open"
-    finally:
-        eng.close()
 
 
 def test_transport_reserves_the_policy_default_max_tokens(upstream: FakeUpstream, tmp_path: Path) -> None:
@@ -197,16 +197,9 @@ def test_transport_reserves_the_policy_default_max_tokens(upstream: FakeUpstream
     limit and default_max_tokens 100 it goes out."""
     cfg = fake_config(upstream.url, tmp_path, policy={"state_path": str(tmp_path / "s.db"), "default_max_tokens": 100},
                       departments={"marketing": {"keys": [hash_key(KEYS["marketing"])], "hourly_token_limit": 400}})  # fmt: skip
-    reg = CollectorRegistry()
-    meter = Meter(cfg, reg)
-    eng = PolicyEngine(cfg, meter)
-    eng.open()
-    upstream.reset()
-    try:
+    with _engine(upstream, cfg) as (eng, meter, reg):
         client = openai.OpenAI(base_url=upstream.url + "/v1", api_key="x",
                                http_client=httpx.Client(transport=_transport(tokenfuse.MeteredTransport, eng, meter)))  # fmt: skip
         client.chat.completions.create(model="gpt-4o", messages=MSG)  # type: ignore[arg-type]
         assert len(upstream.requests) == 1
         assert _blocked(reg) == 0
-    finally:
-        eng.close()
