@@ -44,6 +44,30 @@ def wait_http(url: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | N
     raise RuntimeError(f"{url} did not answer within {timeout:g} s")
 
 
+def gateway_config(path: Path, upstream_port: int, gateway_port: int, key: str) -> Path:
+    """A tokenfuse.yaml for the benches: one upstream (the fake) for ``gpt-*``, one department ``bench`` whose
+    limits are never reached (so enforcement runs in full but refuses nothing), its ledger beside ``path``."""
+    import yaml
+
+    from tokenfuse.config import hash_key
+
+    cfg: dict[str, Any] = {
+        "upstreams": [
+            {
+                "name": "fake",
+                "base_url": f"http://127.0.0.1:{upstream_port}/v1",
+                "provider": "openai",
+                "models": ["gpt-*"],
+            }
+        ],
+        "departments": {"bench": {"monthly_budget_usd": 1e9, "hourly_token_limit": 10**12, "keys": [hash_key(key)]}},
+        "gateway": {"listen": f"127.0.0.1:{gateway_port}"},
+        "policy": {"state_path": str(path.parent / "state.db")},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(resident, peak resident) memory of process ``pid`` in MB."""
     status = Path(f"/proc/{pid}/status").read_text()

@@ -33,10 +33,9 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
-from _load import free_port, rss_mb, wait_http, write_lua, wrk
+from _load import free_port, gateway_config, rss_mb, wait_http, write_lua, wrk
 
 KEY = "tf-bench-key"
 BODY = {
@@ -323,17 +322,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="tokenfuse-peers-"))
     up_port, gw_port = free_port(), free_port()
-    from tokenfuse.config import hash_key
-
-    cfg: dict[str, Any] = {
-        "upstreams": [
-            {"name": "fake", "base_url": f"http://127.0.0.1:{up_port}/v1", "provider": "openai", "models": ["gpt-*"]}
-        ],
-        "departments": {"bench": {"monthly_budget_usd": 1e9, "hourly_token_limit": 10**12, "keys": [hash_key(KEY)]}},
-        "gateway": {"listen": f"127.0.0.1:{gw_port}"},
-        "policy": {"state_path": str(tmp / "state.db")},
-    }
-    (tmp / "tokenfuse.yaml").write_text(yaml.safe_dump(cfg))
+    gateway_config(tmp / "tokenfuse.yaml", up_port, gw_port, KEY)
 
     procs: list[subprocess.Popen[bytes]] = []
     targets: list[Target] = []
